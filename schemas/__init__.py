@@ -1,0 +1,34 @@
+"""Event contracts of every routeloop topic, the codec, and the settings.
+
+This package imports no other project code: router and streams build on it.
+"""
+
+from schemas.codec import DecodeError, decode, encode
+from schemas.events import (
+    TOPIC_EVENTS,
+    DeadLetter,
+    Event,
+    ModelResponse,
+    Outcome,
+    Preference,
+    RewardEvent,
+    RouteDecision,
+    RouteRequest,
+    Snapshot,
+)
+
+__all__ = [
+    "TOPIC_EVENTS",
+    "DeadLetter",
+    "DecodeError",
+    "Event",
+    "ModelResponse",
+    "Outcome",
+    "Preference",
+    "RewardEvent",
+    "RouteDecision",
+    "RouteRequest",
+    "Snapshot",
+    "decode",
+    "encode",
+]
