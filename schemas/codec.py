@@ -4,10 +4,11 @@
 >>> raw = encode(RewardEvent(reward_id="r1", request_id="q1", quality=1.0, created_at=0.0))
 >>> decode(RewardEvent, raw).quality
 1.0
->>> decode(RewardEvent, b"{not json")  # doctest: +ELLIPSIS
-Traceback (most recent call last):
-...
-schemas.codec.DecodeError: invalid_json: ...
+>>> try:
+...     decode(RewardEvent, b"{not json")
+... except DecodeError as exc:
+...     print(exc.reason)
+invalid_json
 """
 
 from __future__ import annotations
