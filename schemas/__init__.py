@@ -6,6 +6,7 @@ This package imports no other project code: router and streams build on it.
 from schemas.codec import DecodeError, decode, encode
 from schemas.events import (
     TOPIC_EVENTS,
+    ArraySpec,
     DeadLetter,
     Event,
     ModelResponse,
@@ -19,6 +20,7 @@ from schemas.events import (
 
 __all__ = [
     "TOPIC_EVENTS",
+    "ArraySpec",
     "DeadLetter",
     "DecodeError",
     "Event",

@@ -219,8 +219,19 @@ class Outcome(Event):
     created_at: float = Field(default_factory=_now)
 
 
+class ArraySpec(Event):
+    """One array of a snapshot body: little-endian, C order, at the next offset."""
+
+    name: Name
+    dtype: Literal["<f8", "<f4", "<i8"]
+    shape: list[Annotated[int, Field(ge=0)]] = Field(max_length=4)
+
+
 class Snapshot(Event):
-    """A versioned, checksummed (optionally signed) model state; see router.snapshot."""
+    """The header of a model snapshot; the arrays follow it in the frame (see router.snapshot).
+
+    Snapshots are data, never pickles: a pickle read from a topic is remote code execution.
+    """
 
     version: int = Field(ge=1)
     policy: Name
@@ -229,10 +240,12 @@ class Snapshot(Event):
     #: The last outcomes offset whose outcome this state includes (-1: none).
     outcomes_offset: int = Field(ge=-1)
     n_updates: int = Field(ge=0)
+    params: dict[Name, float | int | str] = Field(default_factory=dict, max_length=64)
+    arrays: list[ArraySpec] = Field(max_length=64)
     created_at: float = Field(default_factory=_now)
-    #: The model state: base64 of the binary encoding documented in router.snapshot.
-    payload: str = Field(max_length=64 * 1024 * 1024)
+    #: sha256 of the arrays' bytes: equal checksums mean equal learner states.
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    #: HMAC-SHA256 over the header (without this field) and the arrays, when a key is set.
     signature: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
 

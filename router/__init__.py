@@ -1,0 +1,1 @@
+"""Featurisers, bandit policies, the snapshot codec and the routing worker. Never imports Faust."""
