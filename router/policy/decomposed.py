@@ -204,7 +204,10 @@ class DecomposedPolicy(RoutingPolicy):
         }
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"A": self.A, "b_quality": self.b_quality, "b_cost": self.b_cost, "counts": self.counts}
+        # A is symmetric: its upper triangle is the whole of it, at half the size.
+        upper = np.triu_indices(self.n_features)
+        return {"A_upper": self.A[:, upper[0], upper[1]], "b_quality": self.b_quality,
+                "b_cost": self.b_cost, "counts": self.counts}
 
     @classmethod
     def from_state(cls, arms, dim, params, arrays, n_updates, seed=None) -> DecomposedPolicy:
@@ -225,7 +228,10 @@ class DecomposedPolicy(RoutingPolicy):
         got = {k: np.asarray(v).shape for k, v in arrays.items()}
         if expected != got:
             raise ValueError(f"state arrays {got} do not fit the policy {expected}")
-        policy.A = np.array(arrays["A"], dtype=np.float64)
+        upper = np.triu_indices(policy.n_features)
+        policy.A = np.empty_like(policy.A)
+        policy.A[:, upper[0], upper[1]] = arrays["A_upper"]
+        policy.A[:, upper[1], upper[0]] = arrays["A_upper"]
         policy.b_quality = np.array(arrays["b_quality"], dtype=np.float64)
         policy.b_cost = np.array(arrays["b_cost"], dtype=np.float64)
         policy.counts = np.array(arrays["counts"], dtype=np.int64)
