@@ -29,8 +29,9 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PlainSerializer,
     BeforeValidator,
+    PlainSerializer,
+    WithJsonSchema,
     model_validator,
 )
 
@@ -89,6 +90,13 @@ Vector = Annotated[
     np.ndarray,
     BeforeValidator(_decode_vector),
     PlainSerializer(_encode_vector, return_type=str, when_used="json"),
+    WithJsonSchema({
+        "anyOf": [
+            {"type": "string", "contentEncoding": "base64",
+             "description": "little-endian float32 values, base64-encoded"},
+            {"type": "array", "items": {"type": "number"}, "minItems": 1, "maxItems": MAX_DIM},
+        ]
+    }),
 ]
 
 
@@ -261,6 +269,19 @@ class DeadLetter(Event):
     worker: Name
     raw_b64: str = Field(max_length=64 * 1024 * 1024)
     created_at: float = Field(default_factory=_now)
+
+    @classmethod
+    def for_record(cls, record, reason: str, detail: str, worker: str) -> DeadLetter:
+        """The dead letter of a consumed Kafka record (anything with topic/partition/offset/value)."""
+        return cls(
+            source_topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            reason=reason,
+            detail=detail[:4_096],
+            worker=worker,
+            raw_b64=base64.b64encode(record.value or b"").decode("ascii"),
+        )
 
 
 #: The event model carried by each topic, by the topic's short name.

@@ -7,6 +7,9 @@ Precedence: explicit keyword arguments, then environment variables, then the fil
 0.02
 >>> Settings.load(env={}).topic("rewards")
 'routeloop.rewards'
+>>> custom = Settings(models=("a", "b"), default_quality=None, tau=0.02)
+>>> Settings.load(env=custom.to_env()) == custom
+True
 """
 
 from __future__ import annotations
@@ -70,6 +73,20 @@ class Settings(BaseModel):
     def topic(self, name: str) -> str:
         """The full name of a topic, by its short name (``requests``, ``rewards``...)."""
         return f"{self.topic_prefix}{name}"
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``ROUTELOOP_*`` variables, for starting workers as child processes."""
+        env = {}
+        for name, value in self.model_dump(mode="python").items():
+            if value is None:
+                value = "none" if name == "default_quality" else None
+            elif name == "models":
+                value = ",".join(value)
+            elif name == "default_preference":
+                value = f"quality={value['quality']!r},cost={value['cost']!r}"
+            if value is not None:
+                env[f"{ENV_PREFIX}{name.upper()}"] = str(value)
+        return env
 
     @classmethod
     def load(
