@@ -67,6 +67,9 @@ class RoutingPolicy(bandit.base.ContextualPolicy, abc.ABC):
     def learn(self, arm: int, x: np.ndarray, quality: float, cost_usd: float) -> None:
         """Learn from one outcome of ``arm`` on features ``x``."""
 
+    def prepare(self) -> None:
+        """Derive whatever decisions need from the state now, not at the first decision."""
+
     # River's interface, in terms of the above.
 
     def _pull(self, arm_ids, context):  # type: ignore[override]

@@ -141,7 +141,7 @@ class DecomposedPolicy(RoutingPolicy):
 
     # Estimates: derived from the sums when first needed after a change.
 
-    def _estimates(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def estimates(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(theta_quality, theta_cost, A^-1): per-arm posterior means and covariances."""
         if self._derived is None:
             A_inv = np.linalg.inv(self.A)
@@ -150,12 +150,15 @@ class DecomposedPolicy(RoutingPolicy):
             self._derived = (theta_q, theta_c, A_inv)
         return self._derived
 
+    def prepare(self) -> None:
+        self.estimates()
+
     def _scores(self, q: np.ndarray, c: np.ndarray, w_quality: float) -> np.ndarray:
         return w_quality * q - (1.0 - w_quality) * np.minimum(np.maximum(c, 0.0) / self.tau, 1.0)
 
     def decide(self, x, w_quality, allowed=None, rng=None) -> Choice:
         rng = rng or self.rng
-        theta_q, theta_c, A_inv = self._estimates()
+        theta_q, theta_c, A_inv = self.estimates()
         z = self.features(x)
         mean_q = theta_q @ z
         mean_c = theta_c @ z
@@ -181,7 +184,7 @@ class DecomposedPolicy(RoutingPolicy):
         return Choice(arm=arm, distribution=distribution)
 
     def greedy(self, X, w_quality, allowed=None) -> np.ndarray:
-        theta_q, theta_c, _ = self._estimates()
+        theta_q, theta_c, _ = self.estimates()
         Z = self.features(np.atleast_2d(X))
         scores = self._scores(Z @ theta_q.T, Z @ theta_c.T, w_quality)
         if allowed is not None:
