@@ -1,0 +1,1 @@
+"""How to run routeloop: the embedded broker, topics, the CLI and the replay."""
