@@ -183,10 +183,14 @@ class DecomposedPolicy(RoutingPolicy):
         arm = int(rng.choice(K, p=distribution / distribution.sum()))
         return Choice(arm=arm, distribution=distribution)
 
-    def greedy(self, X, w_quality, allowed=None) -> np.ndarray:
+    def expected_rewards(self, X, w_quality) -> np.ndarray:
+        """(n, K) reward estimates w_q * q_hat - w_c * min(c_hat / tau, 1) for rows of ``X``."""
         theta_q, theta_c, _ = self.estimates()
         Z = self.features(np.atleast_2d(X))
-        scores = self._scores(Z @ theta_q.T, Z @ theta_c.T, w_quality)
+        return self._scores(Z @ theta_q.T, Z @ theta_c.T, w_quality)
+
+    def greedy(self, X, w_quality, allowed=None) -> np.ndarray:
+        scores = self.expected_rewards(X, w_quality)
         if allowed is not None:
             scores = np.where(allowed, scores, -np.inf)
         return scores.argmax(axis=1)
