@@ -25,6 +25,7 @@ from aiokafka import TopicPartition
 from tqdm import tqdm
 
 from deploy.kafka import make_consumer, make_producer
+from deploy.topics import expected_partitions
 from router.datasets import RoutingDataset
 from router.evaluation import baselines, score_choices
 from router.featurise import featuriser_from_url
@@ -131,8 +132,8 @@ class Replay:
         """A consumer of every partition of a topic, from its end: our run's records are newer."""
         consumer = make_consumer(self.settings, group_id=None, enable_auto_commit=False)
         await consumer.start()
-        parts = [TopicPartition(self.settings.topic(short), p)
-                 for p in sorted(await consumer.partitions_for_topic(self.settings.topic(short)) or [0])]
+        topic = self.settings.topic(short)
+        parts = [TopicPartition(topic, p) for p in range(expected_partitions(self.settings)[topic])]
         consumer.assign(parts)
         # The embedded broker's end offsets may point into the last batch: the run id filters
         # out the few older records this can re-read.
