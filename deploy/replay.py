@@ -295,6 +295,7 @@ class Replay:
                 "applied_by_router": len(versions),
                 "final_version": snapshot.header.version if snapshot else 0,
                 "final_outcomes_offset": snapshot.header.outcomes_offset if snapshot else -1,
+                "final_n_updates": snapshot.header.n_updates if snapshot else 0,
             },
             "online": {
                 "mean_reward": float(online_reward.mean()),
