@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ctypes
 import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -36,6 +34,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from deploy.kafka import bootstrap_list
 from deploy.topics import ensure_topics
+from deploy.process import die_with_parent
 from schemas.settings import Settings
 
 HOST = "127.0.0.1"
@@ -205,7 +204,7 @@ class EmbeddedBroker:
                 env={**os.environ, "NO_COLOR": "1"},  # a readable log, no ANSI escapes
                 # Its own session: a Ctrl-C meant for the parent reaches it only through stop().
                 start_new_session=True,
-                preexec_fn=_die_with_parent() if _in_main_thread() else None,
+                preexec_fn=die_with_parent(),
             )
         self._frozen = False
 
@@ -331,26 +330,3 @@ def _run_coroutine(coroutine: object) -> None:
         return
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         pool.submit(asyncio.run, coroutine).result()  # type: ignore[arg-type]
-
-
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-def _die_with_parent():  # type: ignore[no-untyped-def]
-    """A preexec_fn that makes Linux kill the broker when its parent dies, even by SIGKILL.
-
-    Only used from the main thread: the signal fires when the spawning *thread* exits.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return None
-    pr_set_pdeathsig = 1
-
-    def set_parent_death_signal() -> None:
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-    return set_parent_death_signal

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from deploy.broker import EmbeddedBroker
+from deploy.process import die_with_parent
 from deploy.topics import ensure_topics
 from schemas.settings import Settings
 
@@ -52,7 +53,8 @@ class LocalLoop:
         log = open(self.log_dir / f"{name}.log", "ab")
         self.processes[name] = subprocess.Popen(
             [sys.executable, "-m", "deploy.cli", "worker", name], env=env,
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=die_with_parent())  # no orphaned workers if we are killed
         log.close()
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import signal
+import sys
+import threading
 from collections.abc import Awaitable, Callable
 
 
@@ -20,3 +23,23 @@ def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]], log_le
         await main(stop)
 
     asyncio.run(runner())
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes Linux kill a child process when its parent dies, even by SIGKILL.
+
+    None (no such guarantee) off Linux and off the main thread: the signal fires when the
+    spawning *thread* exits, so a child started from a worker thread would die with it.
+    """
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    pr_set_pdeathsig = 1
+
+    def set_parent_death_signal() -> None:
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+    return set_parent_death_signal
