@@ -159,18 +159,18 @@ class DecomposedPolicy(RoutingPolicy):
     def decide(self, x, w_quality, allowed=None, rng=None) -> Choice:
         rng = rng or self.rng
         theta_q, theta_c, A_inv = self.estimates()
+        K, D = A_inv.shape[0], A_inv.shape[1]
         z = self.features(x)
-        mean_q = theta_q @ z
-        mean_c = theta_c @ z
-        width = np.sqrt(np.maximum((A_inv @ z) @ z, 0.0))
-        K = len(self.arms)
+        mean_q, mean_c = theta_q @ z, theta_c @ z
+        # One (K*D, D) product for every arm's posterior variance z^T A_k^-1 z.
+        width = np.sqrt(np.maximum((A_inv.reshape(K * D, D) @ z).reshape(K, D) @ z, 0.0))
         offered = np.ones(K, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
         if not offered.any():
             raise ValueError("no arm is offered")
         if self.exploration == "ts":
-            draws_q = mean_q + self.scale * width * rng.standard_normal((self.samples, K))
-            draws_c = mean_c + self.cost_scale * width * rng.standard_normal((self.samples, K))
-            scores = self._scores(draws_q, draws_c, w_quality)
+            noise = rng.standard_normal((2, self.samples, K))
+            scores = self._scores(mean_q + (self.scale * width) * noise[0],
+                                  mean_c + (self.cost_scale * width) * noise[1], w_quality)
             scores[:, ~offered] = -np.inf
             greedy_share = np.bincount(scores.argmax(axis=1), minlength=K) / self.samples
         else:
@@ -180,7 +180,9 @@ class DecomposedPolicy(RoutingPolicy):
             greedy_share[int(scores.argmax())] = 1.0
         distribution = (1.0 - self.epsilon) * greedy_share + self.epsilon * offered / offered.sum()
         # The arm is drawn from exactly the distribution that is logged: propensities are exact.
-        arm = int(rng.choice(K, p=distribution / distribution.sum()))
+        # (Inverse CDF by hand: rng.choice validates p at several times the cost.)
+        cdf = np.cumsum(distribution)
+        arm = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), K - 1)
         return Choice(arm=arm, distribution=distribution)
 
     def expected_rewards(self, X, w_quality) -> np.ndarray:
