@@ -47,7 +47,9 @@ class Settings(BaseModel):
     snapshot_every_n: int = Field(default=200, ge=1)
     snapshot_every_s: float = Field(default=5.0, gt=0)
     #: Featuriser URL: ``minilm://`` or ``hashing://?dim=384``.
-    featuriser: str = "minilm://"
+    # The tail: prompts often open with shared few-shot examples or system text (every
+    # RouterBench ARC prompt does), and the request itself comes last.
+    featuriser: str = "minilm://?keep=tail"
     #: Policy of the learner: ``decomposed-ts`` or ``decomposed-ucb``.
     policy: str = "decomposed-ts"
     #: Candidate models (arms), comma-separated in the environment.
