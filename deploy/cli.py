@@ -139,15 +139,12 @@ def replay(ctx, dataset, preference, report_path, external, reward_wait_s, seed,
     click.echo(f"{data.name}: {len(data.train())} train / {len(data.test())} test prompts, "
                f"{len(data.models)} models, featuriser {settings.featuriser}", err=True)
 
-    def run(live: Settings) -> dict:
-        return asyncio.run(Replay(live, data, options).run())
-
     if external:
-        report = run(settings)
+        report = asyncio.run(Replay(settings, data, options).run())
     else:
         with LocalLoop(settings, log_dir=log_dir) as loop:
             click.echo(f"broker and workers up on {loop.settings.bootstrap_servers} (logs in {log_dir})", err=True)
-            report = run(loop.settings)
+            report = asyncio.run(Replay(loop.settings, data, options, watchdog=loop.check_alive).run())
             loop.check_alive()
     click.echo(format_report(report))
     if report_path:

@@ -18,6 +18,7 @@ import logging
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,8 +81,11 @@ class _Flow:
 
 
 class Replay:
-    def __init__(self, settings: Settings, dataset: RoutingDataset, options: ReplayOptions = ReplayOptions()):
+    def __init__(self, settings: Settings, dataset: RoutingDataset, options: ReplayOptions = ReplayOptions(),
+                 watchdog: Callable[[], None] | None = None):
+        """``watchdog`` is called while waiting; it raises if a worker died (LocalLoop.check_alive)."""
         self.settings = settings
+        self.watchdog = watchdog or (lambda: None)
         self.dataset = dataset
         self.options = options
         self.train = dataset.train()
@@ -110,6 +114,7 @@ class Replay:
             bar = tqdm(total=len(self.train), desc="replay", unit="req", disable=not self.options.progress)
             sending = asyncio.create_task(self._send_requests(producer, in_flight))
             while len(self.flow.decisions) < len(self.train):
+                self.watchdog()
                 await self._read_decisions(consumers["decisions"], producer, in_flight, bar)
                 await self._read_outcomes(consumers["outcomes"])
                 if sending.done() and sending.exception():
