@@ -1,33 +1,45 @@
 """The routing worker: requests in, decisions out, with the model hot-swapped from snapshots.
 
 ``Router`` is the part without Kafka: it holds the current policy, featurises a batch of
-requests and decides each. ``RoutingWorker`` runs it on the requests topic and follows the
-snapshots topic::
+requests and decides each. ``RoutingWorker`` runs it on the requests topic, follows the
+snapshots topic and, unless ``http_port`` is 0, serves the HTTP API of :mod:`router.http`
+on that port (route, rewards, model, health, metrics)::
 
     router = Router(settings, featuriser_from_url(settings.featuriser))
-    decisions, rejects = router.route(requests)
+    decisions = router.route(requests)
     router.apply_snapshot(frame)     # decode, verify, swap in atomically; keeps the last good one
 
-    await RoutingWorker(settings).run(stop_event)
+    worker = RoutingWorker(settings)
+    await worker.run(stop_event)                 # until stop_event is set
+    decision = await worker.decide(request)      # meanwhile: one request, its decision produced
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from deploy.kafka import make_consumer, make_producer
 from router.featurise import Featuriser, featuriser_from_url
+from router.metrics import RouterMetrics, metrics_port
 from router.policy import RoutingPolicy, make_policy
 from router.snapshot import SnapshotError, decode_snapshot
-from schemas import DeadLetter, DecodeError, RouteDecision, RouteRequest, decode, encode
+from schemas import DeadLetter, DecodeError, Event, RouteDecision, RouteRequest, decode, encode
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: A requests loop that has not polled for this long counts as stalled (health check).
+STALL_AFTER_S = 15.0
+#: How long the health check waits for the broker to answer a metadata request.
+BROKER_PROBE_TIMEOUT_S = 3.0
 
 
 @dataclass
@@ -40,31 +52,63 @@ class RouterStats:
     refusals: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RoutingModel:
+    """The policy a router decides with and the snapshot it came from (version 0: the prior).
+
+    One object, swapped in by one assignment: a decision never pairs a policy with
+    another snapshot's version, even while a snapshot is applied on another thread.
+    """
+
+    policy: RoutingPolicy
+    version: int = 0
+    #: The snapshot's creation time (the learner's clock), None for the prior.
+    created_at: float | None = None
+
+
 class Router:
     """Decides requests with the newest verified snapshot, or with the prior before one exists."""
 
-    def __init__(self, settings: Settings, featuriser: Featuriser, seed: int | None = None) -> None:
+    def __init__(self, settings: Settings, featuriser: Featuriser, seed: int | None = None,
+                 metrics: RouterMetrics | None = None) -> None:
         if not settings.models:
             raise ValueError("no candidate models: set ROUTELOOP_MODELS (comma-separated)")
         self.settings = settings
         self.featuriser = featuriser
         self.key = settings.snapshot_key.encode() if settings.snapshot_key else None
         self.rng = np.random.default_rng(seed)
-        self.policy: RoutingPolicy = make_policy(
-            settings.policy, arms=list(settings.models), dim=featuriser.dim, tau=settings.tau)
-        self.snapshot_version = 0
+        self.model = RoutingModel(make_policy(
+            settings.policy, arms=list(settings.models), dim=featuriser.dim, tau=settings.tau))
         self.stats = RouterStats()
+        self.metrics = metrics or RouterMetrics()
+        self.metrics.snapshot_age.set_function(lambda: math.nan if self.snapshot_age_s is None
+                                               else self.snapshot_age_s)
+
+    @property
+    def policy(self) -> RoutingPolicy:
+        return self.model.policy
+
+    @property
+    def snapshot_version(self) -> int:
+        return self.model.version
 
     @property
     def cold_start(self) -> bool:
-        return self.snapshot_version == 0
+        return self.model.version == 0
+
+    @property
+    def snapshot_age_s(self) -> float | None:
+        """Seconds since the snapshot in use was created; None before any snapshot."""
+        created = self.model.created_at
+        return None if created is None else max(0.0, time.time() - created)
 
     def apply_snapshot(self, frame: bytes) -> bool:
         """Verify and swap in a snapshot frame; on any refusal keep routing with the current model."""
         try:
             snapshot = decode_snapshot(frame, key=self.key)
-            if snapshot.header.version <= self.snapshot_version:
+            if snapshot.header.version <= self.model.version:
                 self.stats.snapshots_stale += 1
+                self.metrics.snapshots_stale.inc()
                 return False
             if snapshot.header.dim != self.featuriser.dim:
                 raise SnapshotError("bad_dimension", f"snapshot dim {snapshot.header.dim}, "
@@ -74,10 +118,13 @@ class Router:
         except SnapshotError as exc:
             self.stats.snapshots_refused += 1
             self.stats.refusals[exc.reason] = self.stats.refusals.get(exc.reason, 0) + 1
-            log.warning("snapshot refused (%s); routing on with version %d", exc, self.snapshot_version)
+            self.metrics.snapshots_refused.labels(reason=exc.reason).inc()
+            log.warning("snapshot refused (%s); routing on with version %d", exc, self.model.version)
             return False
-        self.policy, self.snapshot_version = policy, snapshot.header.version  # the atomic swap
+        self.model = RoutingModel(policy, snapshot.header.version, snapshot.header.created_at)  # the swap
         self.stats.snapshots_applied += 1
+        self.metrics.snapshots_applied.inc()
+        self.metrics.snapshot_version.set(snapshot.header.version)
         return True
 
     def _features(self, requests: list[RouteRequest]) -> np.ndarray:
@@ -90,12 +137,15 @@ class Router:
                 X[i] = r.embedding
         return X
 
-    def check(self, request: RouteRequest) -> np.ndarray:
-        """The arms this request may use; raises DecodeError for a request that cannot be routed."""
+    def check(self, request: RouteRequest, policy: RoutingPolicy | None = None) -> np.ndarray:
+        """The arms of ``policy`` (default: the current one) this request may use.
+
+        Raises DecodeError for a request that cannot be routed.
+        """
         if request.embedding is not None and request.embedding.shape[0] != self.featuriser.dim:
             raise DecodeError("bad_dimension", f"embedding has {request.embedding.shape[0]} "
                               f"dimensions, {self.featuriser.name} has {self.featuriser.dim}")
-        arms = self.policy.arms
+        arms = (policy or self.policy).arms
         if request.candidates is None:
             return np.ones(len(arms), dtype=bool)
         allowed = np.isin(arms, request.candidates)
@@ -107,39 +157,61 @@ class Router:
         """Decide a batch of requests (already checked)."""
         if not requests:
             return []
-        policy, version = self.policy, self.snapshot_version  # one model for the whole batch
+        model = self.model  # one model for the whole batch
+        policy = model.policy
         X = self._features(requests)
         decisions = []
         for request, x in zip(requests, X):
             preference = request.preference or self.settings.default_preference
-            choice = policy.decide(x, preference.quality, self.check(request), rng=self.rng)
+            allowed = self.check(request, policy)
+            choice = policy.decide(x, preference.quality, allowed, rng=self.rng)
+            arm = policy.arms[choice.arm]
             decisions.append(RouteDecision(
                 request_id=request.request_id,
-                model=policy.arms[choice.arm],
+                model=arm,
                 propensity=choice.propensity,
                 distribution={a: float(p) for a, p in zip(policy.arms, choice.distribution) if p > 0},
                 preference=preference,
                 features=x,
                 featuriser=self.featuriser.name,
                 policy=policy.name,
-                snapshot_version=version,
-                cold_start=version == 0,
+                snapshot_version=model.version,
+                cold_start=model.version == 0,
             ))
+            self.metrics.decisions.labels(model=arm).inc()
+            if choice.arm != int(policy.greedy(x[None, :], preference.quality, allowed)[0]):
+                self.metrics.explorations.inc()
         self.stats.decisions += len(decisions)
         return decisions
 
 
 class RoutingWorker:
-    """Runs a Router on the requests topic; follows the snapshots topic from its beginning."""
+    """Runs a Router on the requests topic; follows the snapshots topic from its beginning.
+
+    While :meth:`run` runs, :meth:`decide` and :meth:`publish` serve the HTTP API, and
+    :meth:`stalled` / :meth:`broker_problem` its health check.
+    """
 
     def __init__(self, settings: Settings, featuriser: Featuriser | None = None,
                  worker_id: str = "router", max_batch: int = 64) -> None:
         self.settings = settings
         self.worker_id = worker_id
         self.router = Router(settings, featuriser or featuriser_from_url(settings.featuriser))
+        self.metrics = self.router.metrics
         self.max_batch = max_batch
+        #: The HTTP API's port, None when off (``http_port`` 0).
+        self.http_port = metrics_port(settings, "router")
+        self._producer: AIOKafkaProducer | None = None
+        # One routing thread for Kafka and HTTP alike: the policy's rng and the featuriser are
+        # not thread-safe, and featurising is CPU-bound work that must stay off the event loop.
+        self._executor: ThreadPoolExecutor | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._last_poll: float | None = None
+        self._assigned: set[TopicPartition] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
+        from router.http import serve  # the API module builds on this one
+
         s = self.settings
         producer = make_producer(s)
         requests = make_consumer(s, s.topic("requests"), group_id=f"{s.topic_prefix}router",
@@ -148,24 +220,92 @@ class RoutingWorker:
         await producer.start()
         await snapshots.start()
         await requests.start()
+        http = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="routing")
         try:
             part = TopicPartition(s.topic("snapshots"), 0)
             snapshots.assign([part])
             await snapshots.seek_to_beginning(part)
-            tasks = [asyncio.create_task(self._follow_snapshots(snapshots, stop)),
-                     asyncio.create_task(self._route_requests(requests, producer, stop))]
-            done, _ = await asyncio.wait([*tasks, asyncio.create_task(stop.wait())],
+            self._producer = producer
+            self._tasks = [asyncio.create_task(self._follow_snapshots(snapshots, stop)),
+                           asyncio.create_task(self._route_requests(requests, producer, stop))]
+            if self.http_port is not None:
+                http = await serve(self, self.http_port)
+                log.info("HTTP API on port %d", self.http_port)
+            done, _ = await asyncio.wait([*self._tasks, asyncio.create_task(stop.wait())],
                                          return_when=asyncio.FIRST_COMPLETED)
             stop.set()
-            for task in tasks:
+            for task in self._tasks:
                 task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
             for task in done:
-                if task in tasks and not task.cancelled() and task.exception():
+                if task in self._tasks and not task.cancelled() and task.exception():
                     raise task.exception()
         finally:
+            if http is not None:
+                await http.cleanup()  # no request may reach a stopped producer
+            self._producer = None
+            self._executor.shutdown(wait=True)
             await requests.stop()
             await snapshots.stop()
             await producer.stop()
+
+    async def decide(self, request: RouteRequest) -> RouteDecision:
+        """Route one request now and produce its decision exactly like a Kafka-routed one.
+
+        Raises DecodeError for a request that cannot be routed: the caller gets the error,
+        nothing is dead-lettered. Kafka errors propagate (the broker is unreachable).
+        """
+        producer, executor = self._running()
+        started = time.monotonic()
+        self.router.check(request)
+        [decision] = await asyncio.get_running_loop().run_in_executor(executor, self.router.route, [request])
+        await producer.send_and_wait(self.settings.topic("decisions"), encode(decision),
+                                     key=decision.request_id.encode())
+        self.metrics.decision_latency.labels(source="http").observe(time.monotonic() - started)
+        return decision
+
+    async def publish(self, short: str, event: Event) -> None:
+        """Produce ``event`` to the ``short`` topic (e.g. ``rewards``), keyed by its request id."""
+        producer, _ = self._running()
+        await producer.send_and_wait(self.settings.topic(short), encode(event),
+                                     key=event.request_id.encode())  # type: ignore[attr-defined]
+
+    def stalled(self) -> str | None:
+        """Why the worker is not consuming, or None when both loops run and polled recently."""
+        if not self._tasks:
+            return "not started"
+        for task, name in zip(self._tasks, ("snapshots", "requests")):
+            if task.done():
+                return f"the {name} loop has stopped"
+        if self._last_poll is None:
+            return "the requests loop has not polled yet"
+        silent = time.monotonic() - self._last_poll
+        if silent > STALL_AFTER_S:
+            return f"the requests loop has not polled for {silent:.0f} s"
+        return None
+
+    async def broker_problem(self) -> str | None:
+        """Why the broker is unreachable, or None when it answered a metadata request in time."""
+        if self._producer is None:
+            return "not started"
+        try:
+            await asyncio.wait_for(self._producer.client.fetch_all_metadata(), BROKER_PROBE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return f"no metadata from {self.settings.bootstrap_servers} within {BROKER_PROBE_TIMEOUT_S:g} s"
+        except Exception as exc:  # noqa: BLE001 - any failure means unreachable; say which
+            return f"metadata request to {self.settings.bootstrap_servers} failed: {exc!r}"
+        return None
+
+    @property
+    def assigned_partitions(self) -> list[int]:
+        """The requests partitions this worker's group member consumes."""
+        return sorted(tp.partition for tp in self._assigned)
+
+    def _running(self) -> tuple[AIOKafkaProducer, ThreadPoolExecutor]:
+        if self._producer is None or self._executor is None:
+            raise RuntimeError("the routing worker is not running")
+        return self._producer, self._executor
 
     async def _follow_snapshots(self, consumer, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -182,6 +322,8 @@ class RoutingWorker:
         loop = asyncio.get_running_loop()
         while not stop.is_set():
             batches = await consumer.getmany(timeout_ms=200, max_records=self.max_batch)
+            self._last_poll = fetched = time.monotonic()
+            self._assigned = consumer.assignment()
             good: list[RouteRequest] = []
             pending = []
             for records in batches.values():
@@ -192,16 +334,20 @@ class RoutingWorker:
                         good.append(request)
                     except DecodeError as exc:
                         self.router.stats.rejected += 1
+                        self.metrics.deadletters.labels(reason=exc.reason, worker="router").inc()
                         pending.append(await producer.send(s.topic("deadletter"), encode(
                             DeadLetter.for_record(record, exc.reason, exc.detail, self.worker_id))))
+            decisions = []
             if good:
-                # Encoding is CPU-bound and releases the GIL: off the loop, so heartbeats go on.
-                decisions = await loop.run_in_executor(None, self.router.route, good)
+                decisions = await loop.run_in_executor(self._executor, self.router.route, good)
                 for decision in decisions:
                     pending.append(await producer.send(
                         s.topic("decisions"), encode(decision), key=decision.request_id.encode()))
             if pending:
                 await asyncio.gather(*pending)
+            latency = self.metrics.decision_latency.labels(source="kafka")
+            for _ in decisions:
+                latency.observe(time.monotonic() - fetched)
             if batches:
                 await consumer.commit()  # at-least-once: after every decision is acknowledged
 
@@ -210,4 +356,4 @@ def run_routing_worker(settings: Settings) -> None:
     """Run a routing worker in the foreground until SIGINT/SIGTERM."""
     from deploy.process import run_until_signalled
 
-    run_until_signalled(RoutingWorker(settings).run)
+    run_until_signalled(RoutingWorker(settings).run, settings.log_level)

@@ -10,7 +10,7 @@ group is used: the offset that matters is the one inside the snapshot, not a com
     learner.apply(outcome, offset)           # pure: no I/O
     frame = learner.snapshot_frame()         # bytes for the snapshots topic
 
-    await LearnerWorker(settings).run(stop_event)
+    await LearnerWorker(settings).run(stop_event)   # /metrics on http_port + 1 (router.metrics)
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from collections import OrderedDict
 from aiokafka import TopicPartition
 
 from deploy.kafka import make_consumer, make_producer
+from router.metrics import LearnerMetrics, metrics_port, serve_metrics
 from router.policy import RoutingPolicy, make_policy
 from router.snapshot import SnapshotError, decode_snapshot, encode_snapshot
 from schemas import DeadLetter, DecodeError, Outcome, decode, encode
@@ -84,6 +85,7 @@ class LearnerWorker:
         self.worker_id = worker_id
         self.learner = Learner(settings)
         self.published = 0
+        self.metrics = LearnerMetrics()
 
     async def _recover(self) -> None:
         s = self.settings
@@ -106,14 +108,25 @@ class LearnerWorker:
                         newest = (candidate.header.version, record.value)
             if newest is not None:
                 self.learner.restore(newest[1])
+                self.metrics.snapshot_version.set(self.learner.version)
+                self.metrics.offset.set(self.learner.offset)
                 log.info("recovered snapshot version %d at outcomes offset %d",
                          self.learner.version, self.learner.offset)
         finally:
             await consumer.stop()
 
     async def run(self, stop: asyncio.Event) -> None:
+        metrics_server = serve_metrics(self.metrics.registry, metrics_port(self.settings, "learner"))
+        try:
+            await self._recover()
+            await self._learn(stop)
+        finally:
+            if metrics_server is not None:
+                await asyncio.to_thread(metrics_server.shutdown)
+                metrics_server.server_close()
+
+    async def _learn(self, stop: asyncio.Event) -> None:
         s = self.settings
-        await self._recover()
         producer = make_producer(s)
         consumer = make_consumer(s, group_id=None, enable_auto_commit=False)
         await producer.start()
@@ -129,8 +142,10 @@ class LearnerWorker:
                     try:
                         applied = self.learner.apply(decode(Outcome, record.value), record.offset)
                         unpublished += applied
+                        (self.metrics.updates if applied else self.metrics.duplicates).inc()
                     except DecodeError as exc:
                         self.learner.offset = record.offset
+                        self.metrics.deadletters.labels(reason=exc.reason, worker="learner").inc()
                         await producer.send(s.topic("deadletter"), encode(
                             DeadLetter.for_record(record, exc.reason, exc.detail, self.worker_id)))
                     if unpublished >= s.snapshot_every_n:
@@ -139,14 +154,22 @@ class LearnerWorker:
                 if unpublished and time.monotonic() - last_publish >= s.snapshot_every_s:
                     await self._publish(producer)
                     unpublished, last_publish = 0, time.monotonic()
+                self._observe_lag(consumer.highwater(part))
         finally:
             await consumer.stop()
             await producer.stop()
+
+    def _observe_lag(self, highwater: int | None) -> None:
+        self.metrics.offset.set(self.learner.offset)
+        if highwater is not None:  # None until the first fetch answered
+            self.metrics.lag.set(max(0, highwater - (self.learner.offset + 1)))
 
     async def _publish(self, producer) -> None:
         frame = self.learner.snapshot_frame()
         await producer.send_and_wait(self.settings.topic("snapshots"), frame, key=b"model")
         self.published += 1
+        self.metrics.snapshots_published.inc()
+        self.metrics.snapshot_version.set(self.learner.version)
         log.info("published snapshot version %d (%d bytes) at outcomes offset %d",
                  self.learner.version, len(frame), self.learner.offset)
 
