@@ -11,9 +11,9 @@
 ``GET /openapi.json``    the OpenAPI 3.1 document of all of the above
 =======================  ==============================================================
 
-Bodies are read with the topics' own codec, so the HTTP API refuses exactly what the
-topics refuse: not JSON is 400, an invalid event 422 (``{"error": reason, "detail": ...}``),
-over 1 MiB 413; the broker unreachable is 503. The routing worker starts it itself on
+Bodies are read with the topics' own codec, and strictly (no strings for numbers): not JSON
+is 400, an invalid event 422 (``{"error": reason, "detail": ...}``), over 1 MiB 413; the
+broker unreachable is 503. The routing worker starts it itself on
 ``settings.http_port``::
 
     runner = await serve(worker, 8080)     # an aiohttp AppRunner, listening on all interfaces
@@ -35,7 +35,7 @@ import orjson
 from aiohttp import web
 from aiokafka.errors import KafkaError
 from prometheus_client.exposition import choose_encoder
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.json_schema import models_json_schema
 
 from schemas import DecodeError, Event, ModelResponse, Preference, RewardEvent, RouteRequest, decode
@@ -131,8 +131,19 @@ def _error(status: int, error: str, detail: str) -> web.Response:
 
 
 async def _event(request: web.Request, model: type[Event]) -> Event:
-    """The body decoded as ``model`` with the topics' codec; DecodeError as it says."""
-    return decode(model, await request.read())
+    """The body decoded as ``model`` with the topics' codec, and strictly; DecodeError if not.
+
+    Strictly: JSON's own types only, so ``"0.5"`` is not a number and ``false`` not a time.
+    (The topics' codec is lax there, and a preference of strings then escapes normalisation.)
+    """
+    raw = await request.read()
+    event = decode(model, raw)  # size, JSON, an object, the event's rules: the reason codes
+    try:
+        model.model_validate(orjson.loads(raw), strict=True)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        raise DecodeError("invalid_event", f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    return event
 
 
 class RoutingAPI:

@@ -119,6 +119,8 @@ BAD_BODIES = [
     (b'{"prompt": "hi", "preference": {"quality": -1, "cost": 1}}', 422, "invalid_event"),
     (b'{"request_id": "x"}', 422, "invalid_event"),  # neither prompt nor embedding
     (b'{"prompt": "hi", "colour": "red"}', 422, "invalid_event"),
+    # Strings are not numbers (the lax codec would take these, unnormalised).
+    (b'{"prompt": "hi", "preference": {"quality": "4", "cost": "1"}}', 422, "invalid_event"),
     (b'{"prompt": "hi", "candidates": ["gpt-17"]}', 422, "unknown_model"),
     (b'{"prompt": "hi", "embedding": "not base64!"}', 422, "invalid_event"),
     (b'{"prompt": "' + b"x" * (1 << 20) + b'"}', 413, "too_large"),
