@@ -28,6 +28,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 
 from deploy.kafka import make_consumer, make_producer
 from router.featurise import Featuriser, featuriser_from_url
+from router.http import serve
 from router.metrics import RouterMetrics, metrics_port
 from router.policy import RoutingPolicy, make_policy
 from router.snapshot import SnapshotError, decode_snapshot
@@ -210,8 +211,6 @@ class RoutingWorker:
         self._assigned: set[TopicPartition] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        from router.http import serve  # the API module builds on this one
-
         s = self.settings
         producer = make_producer(s)
         requests = make_consumer(s, s.topic("requests"), group_id=f"{s.topic_prefix}router",
