@@ -29,7 +29,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from importlib.metadata import version
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 from aiohttp import web
@@ -108,7 +108,7 @@ class ModelInfo(BaseModel):
 
 
 class Health(BaseModel):
-    status: str = Field(description="ok or unavailable")
+    status: Literal["ok", "unavailable"]
     reason: str | None = Field(description="why the worker is unavailable; null when ok")
     consuming: bool
     broker_reachable: bool
