@@ -14,6 +14,7 @@ Settings come from ``ROUTELOOP_*`` variables or ``--config FILE`` (TOML); see sc
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -195,7 +196,8 @@ def replay(ctx, dataset, preference, report_path, external, reward_wait_s, seed,
     else:
         with LocalLoop(settings, log_dir=log_dir) as loop:
             click.echo(f"broker and workers up on {loop.settings.bootstrap_servers} (logs in {log_dir})", err=True)
-            report = asyncio.run(Replay(loop.settings, data, options, watchdog=loop.check_alive).run())
+            local = dataclasses.replace(options, router_url=loop.router_url)
+            report = asyncio.run(Replay(loop.settings, data, local, watchdog=loop.check_alive).run())
             loop.check_alive()
     click.echo(format_report(report))
     if report_path:

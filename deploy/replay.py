@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import aiohttp
 import numpy as np
 from aiokafka import TopicPartition
 from tqdm import tqdm
@@ -61,6 +62,9 @@ class ReplayOptions:
     #: How long to wait for the last outcomes and snapshot after the stream, beyond the wait window.
     settle_s: float = 60.0
     progress: bool = True
+    #: The routing worker's HTTP API (LocalLoop.router_url): the report then gives the router's
+    #: own count of applied snapshots; without it, the distinct versions its decisions carry.
+    router_url: str | None = None
 
 
 @dataclass
@@ -126,12 +130,22 @@ class Replay:
             while len(self.flow.outcomes) < len(self.flow.decisions) and time.monotonic() < deadline:
                 await self._read_outcomes(consumers["outcomes"])
             snapshot = await self._final_snapshot(deadline)
+            router_model = await self._router_model()
             await self._read_deadletter(consumers["deadletter"])
         finally:
             for consumer in consumers.values():
                 await consumer.stop()
             await producer.stop()
-        return self._report(snapshot, stream_s, time.monotonic() - started)
+        return self._report(snapshot, router_model, stream_s, time.monotonic() - started)
+
+    async def _router_model(self) -> dict | None:
+        """The router's GET /v1/model (None without a router_url)."""
+        if self.options.router_url is None:
+            return None
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+            async with http.get(f"{self.options.router_url}/v1/model") as response:
+                response.raise_for_status()
+                return await response.json()
 
     async def _tail(self, short: str):
         """A consumer of every partition of a topic, from its end: our run's records are newer."""
@@ -248,7 +262,7 @@ class Replay:
             await consumer.stop()
         return newest
 
-    def _report(self, snapshot, stream_s: float, wall_s: float) -> dict:
+    def _report(self, snapshot, router_model: dict | None, stream_s: float, wall_s: float) -> dict:
         s, train, test, flow = self.settings, self.train, self.test, self.flow
         w = self.options.preference.quality
         rows = np.array([self._rows[r] for r in flow.decided_order])
@@ -297,7 +311,8 @@ class Replay:
             },
             "snapshots": {
                 "published": self.snapshots_published,
-                "applied_by_router": len(versions),
+                "applied_by_router": router_model["snapshots"]["applied"] if router_model else len(versions),
+                "refused_by_router": router_model["snapshots"]["refusals"] if router_model else None,
                 "final_version": snapshot.header.version if snapshot else 0,
                 "final_outcomes_offset": snapshot.header.outcomes_offset if snapshot else -1,
                 "final_n_updates": snapshot.header.n_updates if snapshot else 0,

@@ -101,9 +101,10 @@ Vector = Annotated[
 
 
 class Event(BaseModel):
-    """Base of every event: strict, immutable, no unknown fields, no NaN."""
+    """Base of every event: strict types, immutable, no unknown fields, no NaN."""
 
     model_config = ConfigDict(
+        strict=True,  # "0.5" is not a number, false is not a timestamp
         extra="forbid",
         frozen=True,
         allow_inf_nan=False,
@@ -121,21 +122,19 @@ class Preference(Event):
     quality: NonNegative
     cost: NonNegative
 
-    @model_validator(mode="before")
-    @classmethod
-    def _normalise(cls, data: object) -> object:
-        if isinstance(data, dict) and {"quality", "cost"} <= data.keys():
-            q, c = data["quality"], data["cost"]
-            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (q, c)):
-                if not (math.isfinite(q) and math.isfinite(c)):
-                    raise ValueError("preference weights must be finite")
-                if q < 0 or c < 0:
-                    raise ValueError("preference weights must be non-negative")
-                total = q + c
-                if not total > 0:
-                    raise ValueError("preference weights must not all be zero")
-                return {"quality": q / total, "cost": c / total}
-        return data
+    @model_validator(mode="after")
+    def _normalise(self) -> Preference:
+        # After field validation, so nothing unvalidated is normalised; weights so large
+        # that their sum overflows are scaled down first instead of becoming (0, 0).
+        largest = max(self.quality, self.cost)
+        if not largest > 0:
+            raise ValueError("preference weights must not all be zero")
+        q, c = self.quality, self.cost
+        if not math.isfinite(q + c):
+            q, c = q / largest, c / largest
+        object.__setattr__(self, "quality", q / (q + c))
+        object.__setattr__(self, "cost", c / (q + c))
+        return self
 
     @classmethod
     def parse(cls, text: str) -> Preference:

@@ -45,6 +45,7 @@ async def settings(broker: EmbeddedBroker) -> AsyncIterator[Settings]:
         bootstrap_servers=broker.bootstrap_servers,
         topic_prefix=f"t{uuid4().hex[:8]}.",
         partitions=TEST_PARTITIONS,
+        http_port=0,  # in-process workers must not bind the fixed default ports
     )
     await ensure_topics(test_settings)
     yield test_settings

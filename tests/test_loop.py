@@ -73,7 +73,8 @@ async def test_replay_through_every_worker(settings, data_dir, tmp_path):
     loop = LocalLoop(live, log_dir=tmp_path / "logs", start_broker=False)
     await asyncio.to_thread(loop.start)
     try:
-        replay = Replay(live, data, ReplayOptions(reward_delay_mean_s=0.3, max_in_flight=8, settle_s=30, progress=False))
+        replay = Replay(live, data, ReplayOptions(reward_delay_mean_s=0.3, max_in_flight=8, settle_s=30,
+                                                  progress=False, router_url=loop.router_url))
         running = asyncio.create_task(replay.run())
         await asyncio.sleep(3)
         async with make_producer(live) as producer:
@@ -94,6 +95,7 @@ async def test_replay_through_every_worker(settings, data_dir, tmp_path):
     assert c["duplicates"] == duplicated and c["late"] == 0
     assert report["snapshots"]["published"] >= 3
     assert report["snapshots"]["applied_by_router"] >= 3
+    assert report["snapshots"]["refused_by_router"] == {}
     # The learner applied every outcome once; its offset also passed the one garbage record.
     assert report["snapshots"]["final_n_updates"] == N_TRAIN
     assert report["snapshots"]["final_outcomes_offset"] == N_TRAIN

@@ -102,3 +102,11 @@ def test_json_schemas_exported_per_topic(tmp_path):
     assert {p.name.split(".")[0] for p in paths} == set(TOPIC_EVENTS)
     reward_schema = orjson.loads((tmp_path / "rewards.schema.json").read_bytes())
     assert reward_schema["properties"]["quality"]["maximum"] == 1.0
+
+
+def test_strings_for_numbers_are_refused_and_huge_weights_still_normalise():
+    with pytest.raises(DecodeError, match="quality"):
+        decode(RewardEvent, reward_bytes(quality="0.5"))
+    with pytest.raises(ValueError):
+        Preference.model_validate({"quality": "4", "cost": "1"})
+    assert Preference(quality=1e308, cost=1e308) == Preference(quality=0.5, cost=0.5)
