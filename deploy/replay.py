@@ -31,7 +31,7 @@ from deploy.topics import expected_partitions
 from router.datasets import RoutingDataset
 from router.evaluation import baselines, score_choices
 from router.featurise import featuriser_from_url
-from router.snapshot import SnapshotError, decode_snapshot
+from router.snapshot import SnapshotError, decode_snapshot, verification_keys
 from schemas import (
     DeadLetter,
     ModelResponse,
@@ -250,7 +250,7 @@ class Replay:
                 batch = await consumer.getmany(part, timeout_ms=500)
                 for record in batch.get(part, []):
                     try:
-                        snapshot = decode_snapshot(record.value, key=(self.settings.snapshot_key or "").encode() or None)
+                        snapshot = decode_snapshot(record.value, key=verification_keys(self.settings))
                     except SnapshotError:
                         continue
                     self.snapshots_published += 1

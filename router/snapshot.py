@@ -33,6 +33,7 @@ import orjson
 
 from router.policy import DecomposedPolicy, RoutingPolicy
 from schemas import ArraySpec, Snapshot
+from schemas.settings import Settings
 
 MAGIC = b"RLS1"
 _LENGTH = struct.Struct(">I")
@@ -95,8 +96,21 @@ def encode_snapshot(policy: RoutingPolicy, version: int, outcomes_offset: int,
     return MAGIC + _LENGTH.pack(len(head)) + head + body
 
 
-def decode_snapshot(frame: bytes | None, key: bytes | None = None) -> DecodedSnapshot:
-    """Decode and verify a frame; raise :class:`SnapshotError` if it must not be applied."""
+def verification_keys(settings: Settings) -> tuple[bytes, ...]:
+    """The keys a snapshot may be signed with: the current one and, during a rotation, the previous.
+
+    Empty when no key is configured (snapshots are then checked by their sha256 only).
+    """
+    if not settings.snapshot_key:
+        return ()
+    return tuple(k.encode() for k in (settings.snapshot_key, settings.snapshot_previous_key) if k)
+
+
+def decode_snapshot(frame: bytes | None, key: bytes | tuple[bytes, ...] | None = None) -> DecodedSnapshot:
+    """Decode and verify a frame; raise :class:`SnapshotError` if it must not be applied.
+
+    ``key`` is the signing key, or several accepted keys (see :func:`verification_keys`).
+    """
     if frame is None or len(frame) < 8 or frame[:4] != MAGIC:
         raise SnapshotError("bad_frame", "not a routeloop snapshot frame")
     if len(frame) > MAX_SNAPSHOT_BYTES:
@@ -111,10 +125,11 @@ def decode_snapshot(frame: bytes | None, key: bytes | None = None) -> DecodedSna
     body = memoryview(frame)[8 + head_len :]
     if hashlib.sha256(body).hexdigest() != header.sha256:
         raise SnapshotError("bad_checksum", "the body does not match its sha256")
-    if key is not None:
+    keys = (key,) if isinstance(key, bytes) else tuple(key or ())
+    if keys:
         if header.signature is None:
             raise SnapshotError("unsigned", "a key is configured and the snapshot is not signed")
-        if not hmac.compare_digest(header.signature, _signature(key, header, header.sha256)):
+        if not any(hmac.compare_digest(header.signature, _signature(k, header, header.sha256)) for k in keys):
             raise SnapshotError("bad_signature", "the HMAC does not match the configured key")
     if header.policy not in _POLICY_CLASSES:
         raise SnapshotError("unknown_policy", header.policy)

@@ -31,7 +31,7 @@ from router.featurise import Featuriser, featuriser_from_url
 from router.http import serve
 from router.metrics import RouterMetrics, metrics_port
 from router.policy import RoutingPolicy, make_policy
-from router.snapshot import SnapshotError, decode_snapshot
+from router.snapshot import SnapshotError, decode_snapshot, verification_keys
 from schemas import DeadLetter, DecodeError, Event, RouteDecision, RouteRequest, decode, encode
 from schemas.settings import Settings
 
@@ -76,7 +76,7 @@ class Router:
             raise ValueError("no candidate models: set ROUTELOOP_MODELS (comma-separated)")
         self.settings = settings
         self.featuriser = featuriser
-        self.key = settings.snapshot_key.encode() if settings.snapshot_key else None
+        self.keys = verification_keys(settings)
         self.rng = np.random.default_rng(seed)
         self.model = RoutingModel(make_policy(
             settings.policy, arms=list(settings.models), dim=featuriser.dim, tau=settings.tau))
@@ -106,7 +106,7 @@ class Router:
     def apply_snapshot(self, frame: bytes) -> bool:
         """Verify and swap in a snapshot frame; on any refusal keep routing with the current model."""
         try:
-            snapshot = decode_snapshot(frame, key=self.key)
+            snapshot = decode_snapshot(frame, key=self.keys)
             if snapshot.header.version <= self.model.version:
                 self.stats.snapshots_stale += 1
                 self.metrics.snapshots_stale.inc()

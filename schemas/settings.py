@@ -56,6 +56,8 @@ class Settings(BaseModel):
     models: tuple[str, ...] = ()
     #: HMAC-SHA256 key for snapshots (hex or text); routers then refuse unsigned snapshots.
     snapshot_key: str | None = None
+    #: During a key rotation: snapshots signed with this key are still accepted (never used to sign).
+    snapshot_previous_key: str | None = None
     #: Consumer group session timeout: a group join waits about half of it on the embedded broker.
     session_timeout_ms: int = Field(default=6_000, ge=1_000)
     heartbeat_interval_ms: int = Field(default=1_000, ge=100)

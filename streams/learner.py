@@ -25,7 +25,7 @@ from aiokafka import TopicPartition
 from deploy.kafka import make_consumer, make_producer
 from router.metrics import LearnerMetrics, metrics_port, serve_metrics
 from router.policy import RoutingPolicy, make_policy
-from router.snapshot import SnapshotError, decode_snapshot, encode_snapshot
+from router.snapshot import SnapshotError, decode_snapshot, encode_snapshot, verification_keys
 from schemas import DeadLetter, DecodeError, Outcome, decode, encode
 from schemas.settings import Settings
 
@@ -40,7 +40,8 @@ class Learner:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.key = settings.snapshot_key.encode() if settings.snapshot_key else None
+        self.key = settings.snapshot_key.encode() if settings.snapshot_key else None  # signs
+        self.accepted_keys = verification_keys(settings)
         self.policy: RoutingPolicy | None = None  # created at the first outcome: its dim decides
         self.offset = -1
         self.version = 0
@@ -49,7 +50,7 @@ class Learner:
 
     def restore(self, frame: bytes) -> None:
         """Continue from a snapshot (the newest valid one on the topic)."""
-        snapshot = decode_snapshot(frame, key=self.key)
+        snapshot = decode_snapshot(frame, key=self.accepted_keys)
         self.policy = snapshot.policy()
         self.offset = snapshot.header.outcomes_offset
         self.version = snapshot.header.version
@@ -100,7 +101,7 @@ class LearnerWorker:
             while batch := await consumer.getmany(part, timeout_ms=1500):
                 for record in batch[part]:
                     try:
-                        candidate = decode_snapshot(record.value, key=self.learner.key)
+                        candidate = decode_snapshot(record.value, key=self.learner.accepted_keys)
                     except SnapshotError as exc:
                         log.warning("skipping snapshot at offset %d: %s", record.offset, exc)
                         continue

@@ -78,3 +78,16 @@ def test_router_swaps_in_good_snapshots_and_keeps_the_last_good_one():
     assert router.stats.refusals == {"unsigned": 1, "bad_signature": 1, "bad_frame": 1}
     warm = router.route([request])[0]
     assert (warm.snapshot_version, warm.cold_start) == (2, False)
+
+
+def test_key_rotation_accepts_the_previous_key_and_signs_with_the_new_one():
+    from router.snapshot import verification_keys
+
+    policy = learned_policy()
+    rotating = Settings(models=tuple(ARMS), snapshot_key="new", snapshot_previous_key="old")
+    assert verification_keys(rotating) == (b"new", b"old")
+    assert verification_keys(Settings()) == ()
+    router = Router(rotating, featuriser_from_url("hashing://?dim=32"), seed=0)
+    assert router.apply_snapshot(encode_snapshot(policy, 1, 0, key=b"old"))
+    assert router.apply_snapshot(encode_snapshot(policy, 2, 0, key=b"new"))
+    assert not router.apply_snapshot(encode_snapshot(policy, 3, 0, key=b"older"))
