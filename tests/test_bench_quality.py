@@ -168,3 +168,18 @@ def test_pooled_policy_shrinks_an_unseen_arm_to_the_pooled_mean():
     theta_q, theta_c, _ = policy.estimates()
     assert np.isclose(theta_q[1, -1], np.mean(qualities)) and np.allclose(theta_q[1, :-1], 0.0)
     assert np.isclose(theta_c[1, -1], 0.002)
+
+
+def test_pooled_policy_intercept_prior_round_trips():
+    from router.policy.pooled import PooledDecomposedPolicy
+
+    policy = PooledDecomposedPolicy(["a", "b"], dim=4, tau=0.01, sketch_dim=None, seed=0,
+                                    prior=30.0, intercept_prior=0.1)
+    assert policy.A[0, -1, -1] == 0.1 and policy.A[0, 0, 0] == 30.0
+    x = np.array([0.5, 0.5, 0.5, 0.5])
+    for i in range(30):
+        policy.learn(i % 2, x * (i % 3), float(i % 2), 0.001)
+    copy = PooledDecomposedPolicy.from_state(policy.arms, policy.dim, policy.params(), policy.arrays(),
+                                             policy.n_updates)
+    assert copy.intercept_prior == 0.1
+    assert np.allclose(copy.expected_rewards(x[None], 0.7), policy.expected_rewards(x[None], 0.7))

@@ -16,6 +16,12 @@ c_bar. Everything it needs is already in the parent's state: ``s_a`` is the last
 decisions (TS/UCB widths) and the learner are unchanged; an arm with no outcome predicts
 q_bar and c_bar everywhere.
 
+``intercept_prior`` sets the prior precision of the intercept apart from the feature
+weights' (``prior``): a strong ``prior`` with a weak ``intercept_prior`` shrinks each arm's
+dependence on the prompt toward its own mean (learned freely) rather than the whole
+estimate toward q_bar, so the policy falls back to "the best model on average" where the
+prompt features say little.
+
 >>> import numpy as np
 >>> policy = PooledDecomposedPolicy(["a", "b"], dim=2, tau=0.01, sketch_dim=None, seed=0)
 >>> for _ in range(20):
@@ -34,9 +40,27 @@ from router.policy.decomposed import DecomposedPolicy
 class PooledDecomposedPolicy(DecomposedPolicy):
     """DecomposedPolicy whose per-arm estimates shrink toward the pooled mean quality and cost."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, intercept_prior: float | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.name = f"pooled-{self.exploration}"
+        self.intercept_prior = self.prior if intercept_prior is None else float(intercept_prior)
+        self.A[:, -1, -1] = self.intercept_prior  # the prior, before any outcome
+
+    def add_arm(self, name: str) -> None:
+        super().add_arm(name)
+        self.A[-1, -1, -1] = self.intercept_prior
+
+    def params(self) -> dict[str, float | int | str]:
+        return {**super().params(), "intercept_prior": self.intercept_prior}
+
+    @classmethod
+    def from_state(cls, arms, dim, params, arrays, n_updates, seed=None) -> PooledDecomposedPolicy:
+        params = dict(params)
+        intercept_prior = float(params.pop("intercept_prior", params["prior"]))
+        # The parent rebuilds A from the arrays, so the constructor's prior does not matter.
+        policy = super().from_state(arms, dim, params, arrays, n_updates, seed=seed)
+        policy.intercept_prior = intercept_prior
+        return policy
 
     def pooled_means(self) -> tuple[float, float]:
         """(q_bar, c_bar): the mean quality and cost over every outcome learned so far."""
@@ -48,7 +72,7 @@ class PooledDecomposedPolicy(DecomposedPolicy):
     def _thetas(self, A_inv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         q_bar, c_bar = self.pooled_means()
         s = self.A[:, :, -1].copy()  # prior * e_last + sum of z, per arm
-        s[:, -1] -= self.prior
+        s[:, -1] -= self.intercept_prior
         intercept = np.zeros(self.n_features)
         intercept[-1] = 1.0
         theta_q = np.einsum("kij,kj->ki", A_inv, self.b_quality - q_bar * s) + q_bar * intercept
