@@ -8,6 +8,15 @@ SCRAM) and the embedded broker's constraints are applied the same way everywhere
     admin = AIOKafkaAdminClient(**client_kwargs(settings))
     app = faust.App("routeloop-feedback", **faust_broker_kwargs(settings))
 
+It also notices a broker that came back empty (an embedded broker restarted, a cluster
+rebuilt): every worker then stops with :class:`BrokerResetError` instead of carrying on
+against a log that no longer matches its offsets::
+
+    guard = LogGuard("learner")
+    guard.read(tp, record.offset)                  # for every record consumed
+    guard.check(consumer)                          # after every fetch: raises BrokerResetError
+    await check_layout(client, settings, ("outcomes", "snapshots"))   # every few seconds
+
 >>> client_kwargs(Settings(bootstrap_servers="a:9092, b:9092"))
 {'bootstrap_servers': ['a:9092', 'b:9092'], 'security_protocol': 'PLAINTEXT'}
 >>> faust_broker_kwargs(Settings(bootstrap_servers="a:9092,b:9092"))
@@ -16,10 +25,14 @@ SCRAM) and the embedded broker's constraints are applied the same way everywhere
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import ssl
+from collections.abc import Iterable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 from aiokafka.helpers import create_ssl_context
 
 from schemas.settings import Settings
@@ -30,6 +43,12 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 _SSL_PROTOCOLS = frozenset({"SSL", "SASL_SSL"})
 _SASL_PROTOCOLS = frozenset({"SASL_PLAINTEXT", "SASL_SSL"})
+
+
+log = logging.getLogger(__name__)
+
+#: How long a layout check waits for the broker's metadata (a frozen broker is not a reset).
+LAYOUT_PROBE_TIMEOUT_S = 3.0
 
 
 class KafkaSettingsError(ValueError):
@@ -176,3 +195,85 @@ def _check_consistent(settings: Settings) -> None:
                 f"{', '.join(stray)} set but security_protocol is {protocol}; "
                 "use SASL_PLAINTEXT or SASL_SSL"
             )
+
+
+# -- a broker that came back empty -------------------------------------------------------------
+
+class BrokerResetError(RuntimeError):
+    """The broker lost data this worker had already read or relied on: it came back empty.
+
+    A restarted embedded broker is an empty cluster (DESIGN.md): topics, offsets and groups are
+    gone, and clients recreate the topics they touch with the broker's default partition count.
+    Offsets read before then mean nothing on the new log, so a worker stops instead of silently
+    skipping, re-reading or writing to the wrong partitions.
+    """
+
+    HINT = ("the broker has lost its topics and offsets (restarted empty?): recreate the topics "
+            "(routeloop topics), then restart every worker")
+
+    def __init__(self, worker: str, what: str) -> None:
+        super().__init__(f"{worker}: {what}; {self.HINT}")
+        self.worker = worker
+        self.what = what
+
+
+class LogGuard:
+    """How far one worker has read each partition; a broker whose log is now shorter lost it.
+
+    A fetch response carries the partition's high watermark, and on a healthy broker it is
+    never below the next offset this consumer has already read (measured on the embedded
+    broker: fetch high watermarks are right, unlike its ``end_offsets()``). The embedded
+    broker answers a fetch past the end with an empty batch, not OffsetOutOfRange, so without
+    this check a consumer would wait there forever, or be reset to another log silently.
+    """
+
+    def __init__(self, worker: str) -> None:
+        self.worker = worker
+        self.positions: dict[TopicPartition, int] = {}
+
+    def read(self, tp: TopicPartition, offset: int) -> None:
+        """A record at ``offset`` of ``tp`` was consumed (or is known to exist)."""
+        if offset + 1 > self.positions.get(tp, 0):
+            self.positions[tp] = offset + 1
+
+    def check(self, consumer: AIOKafkaConsumer) -> None:
+        """Raise :class:`BrokerResetError` if an assigned partition now ends before what was read."""
+        assigned = consumer.assignment()
+        for tp, position in self.positions.items():
+            if tp not in assigned:
+                continue
+            highwater = consumer.highwater(tp)
+            if highwater is not None and highwater < position:
+                raise BrokerResetError(self.worker, (
+                    f"{tp.topic}[{tp.partition}] ends at offset {highwater}, but this worker "
+                    f"already read up to offset {position - 1}"))
+
+
+async def check_layout(client: Any, settings: Settings, shorts: Iterable[str], worker: str,
+                       extra: dict[str, int] | None = None,
+                       timeout_s: float = LAYOUT_PROBE_TIMEOUT_S) -> None:
+    """Raise :class:`BrokerResetError` if a topic vanished or has another partition count.
+
+    ``client`` is a started aiokafka client (``producer.client``); one metadata request for
+    every topic, which creates none. ``extra`` adds full topic names -> partitions (e.g. a
+    changelog). A broker that does not answer in ``timeout_s`` is left to the health checks:
+    frozen or unreachable is not empty.
+    """
+    from deploy.topics import expected_partitions  # deploy.topics imports this module
+
+    layout = expected_partitions(settings)
+    expected = {settings.topic(short): layout[settings.topic(short)] for short in shorts}
+    expected.update(extra or {})
+    try:
+        cluster = await asyncio.wait_for(client.fetch_all_metadata(), timeout_s)
+    except (asyncio.TimeoutError, KafkaError, OSError) as exc:
+        log.debug("layout check skipped: %r", exc)
+        return
+    for topic, partitions in expected.items():
+        found = cluster.partitions_for_topic(topic)
+        if not found:
+            raise BrokerResetError(worker, f"topic {topic} has vanished")
+        if len(found) != partitions:
+            raise BrokerResetError(worker, (
+                f"topic {topic} has {len(found)} partition(s), not {partitions} (recreated by a "
+                "client with the broker's default count after it was lost?)"))

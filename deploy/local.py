@@ -6,7 +6,7 @@ Used by ``routeloop up``, ``routeloop demo`` and the integration tests::
         ...                                                         # loop.settings is live
         loop.wait_until_healthy()                                   # the router's /healthz says 200
         loop.router_url                                             # e.g. http://127.0.0.1:41231
-        loop.kill("learner"); loop.restart("learner")
+        loop.kill("learner"); loop.restart("learner")             # check_alive() skips it meanwhile
 
 With ``start_broker=False`` the workers join the cluster that ``settings`` names instead.
 HTTP ports: by default the loop picks three free consecutive ports P, P+1, P+2 and passes P
@@ -50,6 +50,8 @@ class LocalLoop:
         self.worker_names = workers
         self.http_port = http_port
         self.processes: dict[str, subprocess.Popen] = {}
+        #: Workers killed on purpose (kill()) and not restarted yet: check_alive() skips them.
+        self.down: set[str] = set()
 
     @property
     def router_url(self) -> str | None:
@@ -78,9 +80,12 @@ class LocalLoop:
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=die_with_parent())  # no orphaned workers if we are killed
         log.close()
+        self.down.discard(name)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal one worker (SIGKILL by default) and wait until it has exited."""
         process = self.processes[name]
+        self.down.add(name)
         process.send_signal(sig)
         process.wait(timeout=30)
 
@@ -104,9 +109,9 @@ class LocalLoop:
         raise TimeoutError(f"the router at {self.router_url} was not healthy within {timeout_s:g} s: {last}")
 
     def check_alive(self) -> None:
-        """Raise if a worker has exited, with the tail of its log."""
+        """Raise if a worker has exited (other than by kill()), with the tail of its log."""
         for name, process in self.processes.items():
-            if process.poll() is not None:
+            if name not in self.down and process.poll() is not None:
                 tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
                 raise RuntimeError(f"worker {name} exited with {process.returncode}; log tail:\n{tail}")
 

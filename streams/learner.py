@@ -6,9 +6,17 @@ records the last outcomes offset it includes, so a restarted learner loads the n
 and replays from the next offset, reaching the state of a run that never crashed. No consumer
 group is used: the offset that matters is the one inside the snapshot, not a commit.
 
+Outcomes are at-least-once (the feedback worker may emit one twice), so the learner refuses an
+outcome whose request id occurred in the previous ``SEEN_WINDOW`` outcome records, by offset.
+Because that window is a function of the records alone, a restarted learner rebuilds it
+exactly: it re-reads the ``SEEN_WINDOW`` records up to the snapshot's offset without applying
+them (``remember``), then applies from the next offset, and refuses the same duplicates an
+uninterrupted learner would, with a bit-identical state.
+
     learner = Learner(settings)
-    learner.apply(outcome, offset)           # pure: no I/O
+    learner.apply(outcome, offset)           # pure: no I/O; False for a duplicate
     frame = learner.snapshot_frame()         # bytes for the snapshots topic
+    learner.restore(frame)                   # then remember() the records from window_start()
 
     await LearnerWorker(settings).run(stop_event)   # /metrics on http_port + 1 (router.metrics)
 """
@@ -19,10 +27,11 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from pathlib import Path
 
 from aiokafka import TopicPartition
 
-from deploy.kafka import make_consumer, make_producer
+from deploy.kafka import BrokerResetError, LogGuard, check_layout, make_consumer, make_producer
 from router.metrics import LearnerMetrics, metrics_port, serve_metrics
 from router.policy import RoutingPolicy, make_policy
 from router.snapshot import SnapshotError, decode_snapshot, encode_snapshot, verification_keys
@@ -31,14 +40,20 @@ from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: How many recent request ids the learner remembers to apply a re-emitted outcome once.
+#: An outcome whose request id occurred in this many previous outcome records (by offset) is a
+#: duplicate: far more than the feedback worker can re-emit after a crash (its uncommitted
+#: events), far less than the topic over months.
 SEEN_WINDOW = 200_000
+#: Seconds between the learner's checks that the broker still has its topics.
+LAYOUT_CHECK_S = 5.0
 
 
 class Learner:
     """The model, the outcomes offset it includes, and the last snapshot version."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, seen_window: int = SEEN_WINDOW) -> None:
+        if seen_window < 1:
+            raise ValueError("seen_window must be at least 1")
         self.settings = settings
         self.key = settings.snapshot_key.encode() if settings.snapshot_key else None  # signs
         self.accepted_keys = verification_keys(settings)
@@ -46,24 +61,57 @@ class Learner:
         self.offset = -1
         self.version = 0
         self.duplicates = 0
-        self._seen: OrderedDict[str, None] = OrderedDict()
+        self.seen_window = seen_window
+        #: request id -> the offset of its newest record, oldest first; only the last
+        #: ``seen_window`` offsets are kept.
+        self._seen: OrderedDict[str, int] = OrderedDict()
 
     def restore(self, frame: bytes) -> None:
-        """Continue from a snapshot (the newest valid one on the topic)."""
+        """Continue from a snapshot (the newest valid one on the topic).
+
+        The de-duplication window is not in the snapshot: feed the records from
+        :meth:`window_start` to ``self.offset`` to :meth:`remember` before applying more.
+        """
         snapshot = decode_snapshot(frame, key=self.accepted_keys)
         self.policy = snapshot.policy()
         self.offset = snapshot.header.outcomes_offset
         self.version = snapshot.header.version
+        self._seen.clear()
+
+    def window_start(self) -> int:
+        """The first offset whose request id still counts for de-duplication after ``self.offset``."""
+        return max(0, self.offset + 1 - self.seen_window)
+
+    def _observe(self, request_id: str, offset: int) -> bool:
+        """Record ``request_id`` at ``offset``; True if it occurred in the window before."""
+        seen = self._seen
+        oldest = offset - self.seen_window  # offsets <= this are out of the window
+        while seen:
+            first = next(iter(seen.values()))
+            if first > oldest:
+                break
+            seen.popitem(last=False)
+        duplicate = request_id in seen
+        seen[request_id] = offset
+        seen.move_to_end(request_id)
+        return duplicate
+
+    def remember(self, outcome: Outcome, offset: int) -> None:
+        """Replay a record the state already includes (offset <= self.offset) into the window only."""
+        if offset > self.offset:
+            raise ValueError(f"offset {offset} is not included in the state (at {self.offset}): apply it")
+        self._observe(outcome.request_id, offset)
+
+    def seen(self) -> dict[str, int]:
+        """The de-duplication window: request id -> offset of its newest record (for tests)."""
+        return dict(self._seen)
 
     def apply(self, outcome: Outcome, offset: int) -> bool:
         """Learn from one outcome at ``offset``; False if it was already applied (at-least-once)."""
         self.offset = offset
-        if outcome.request_id in self._seen:
+        if self._observe(outcome.request_id, offset):
             self.duplicates += 1
             return False
-        self._seen[outcome.request_id] = None
-        if len(self._seen) > SEEN_WINDOW:
-            self._seen.popitem(last=False)
         if self.policy is None:
             self.policy = make_policy(self.settings.policy, arms=list(self.settings.models or [outcome.model]),
                                       dim=outcome.features.shape[0], tau=self.settings.tau)
@@ -79,14 +127,24 @@ class Learner:
 
 
 class LearnerWorker:
-    """Runs a Learner on the outcomes topic; recovers from the snapshots topic at start."""
+    """Runs a Learner on the outcomes topic; recovers from the snapshots topic at start.
 
-    def __init__(self, settings: Settings, worker_id: str = "learner") -> None:
+    It stops with :class:`deploy.kafka.BrokerResetError` if the broker comes back empty (the
+    outcomes log ends before the offsets it read, or a topic vanished or changed its partition
+    count); its model is then also written to ``data_dir`` so that nothing learned is lost.
+    """
+
+    def __init__(self, settings: Settings, worker_id: str = "learner", seen_window: int = SEEN_WINDOW) -> None:
         self.settings = settings
         self.worker_id = worker_id
-        self.learner = Learner(settings)
+        self.learner = Learner(settings, seen_window=seen_window)
         self.published = 0
+        #: Outcome records re-read at start to rebuild the de-duplication window.
+        self.rebuilt = 0
+        #: Where the model went when the broker came back empty (None otherwise).
+        self.saved_model: Path | None = None
         self.metrics = LearnerMetrics()
+        self.guard = LogGuard(worker_id)
 
     async def _recover(self) -> None:
         s = self.settings
@@ -132,14 +190,35 @@ class LearnerWorker:
         consumer = make_consumer(s, group_id=None, enable_auto_commit=False)
         await producer.start()
         await consumer.start()
+        watch: asyncio.Task | None = None
         try:
             part = TopicPartition(s.topic("outcomes"), 0)
             consumer.assign([part])
-            consumer.seek(part, self.learner.offset + 1)
+            # Records up to `included` are in the restored state: re-read the last SEEN_WINDOW
+            # of them into the de-duplication window only, then apply from the next offset.
+            included = self.learner.offset
+            if included >= 0:
+                self.guard.read(part, included)  # the snapshot says the log reaches this far
+            consumer.seek(part, self.learner.window_start())
+            rebuilding = included >= 0
+            watch = asyncio.create_task(self._watch_layout(producer))
             unpublished, last_publish = 0, time.monotonic()
             while not stop.is_set():
+                if watch.done():
+                    watch.result()  # raises BrokerResetError
                 batch = await consumer.getmany(part, timeout_ms=200, max_records=1000)
                 for record in batch.get(part, []):
+                    self.guard.read(part, record.offset)
+                    if record.offset <= included:
+                        try:
+                            self.learner.remember(decode(Outcome, record.value), record.offset)
+                            self.rebuilt += 1
+                        except DecodeError:
+                            pass  # dead-lettered by the run that applied it
+                        continue
+                    if rebuilding:
+                        rebuilding = False
+                        self._log_rebuilt()
                     try:
                         applied = self.learner.apply(decode(Outcome, record.value), record.offset)
                         unpublished += applied
@@ -152,13 +231,53 @@ class LearnerWorker:
                     if unpublished >= s.snapshot_every_n:
                         await self._publish(producer)
                         unpublished, last_publish = 0, time.monotonic()
+                self.guard.check(consumer)  # raises BrokerResetError
+                if rebuilding and not batch:
+                    # The window holds what the log still has (e.g. retention removed older
+                    # records); nothing past the snapshot yet.
+                    rebuilding = False
+                    self._log_rebuilt()
                 if unpublished and time.monotonic() - last_publish >= s.snapshot_every_s:
                     await self._publish(producer)
                     unpublished, last_publish = 0, time.monotonic()
                 self._observe_lag(consumer.highwater(part))
+        except BrokerResetError as exc:
+            log.critical("%s", exc)
+            self._save_model(exc)
+            raise
         finally:
+            if watch is not None:
+                watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
             await consumer.stop()
             await producer.stop()
+
+    def _log_rebuilt(self) -> None:
+        log.info("de-duplication window rebuilt from %d outcome records (offsets %d..%d)",
+                 self.rebuilt, self.learner.window_start(), self.learner.offset)
+
+    async def _watch_layout(self, producer) -> None:
+        while True:
+            await asyncio.sleep(LAYOUT_CHECK_S)
+            await check_layout(producer.client, self.settings, ("outcomes", "snapshots"), self.worker_id)
+
+    def _save_model(self, reason: BrokerResetError) -> None:
+        """Write the model to data_dir: with the broker's data gone it is the only copy."""
+        if self.learner.policy is None:
+            return
+        learner = self.learner
+        path = Path(self.settings.data_dir) / (
+            f"learner-model-v{learner.version + 1}-outcomes-offset-{learner.offset}-{int(time.time())}.rls")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(encode_snapshot(learner.policy, version=learner.version + 1,
+                                             outcomes_offset=learner.offset, key=learner.key))
+        except OSError as exc:
+            log.error("could not save the model to %s: %r", path, exc)
+            return
+        self.saved_model = path
+        log.critical("the model (%d updates, outcomes offset %d of the lost log) is saved in %s "
+                     "(a snapshot frame)", learner.policy.n_updates, learner.offset, path)
 
     def _observe_lag(self, highwater: int | None) -> None:
         self.metrics.offset.set(self.learner.offset)
