@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 
-from deploy.kafka import make_consumer, make_producer
+from deploy.kafka import BrokerResetError, LogGuard, check_layout, make_consumer, make_producer
 from router.featurise import Featuriser, featuriser_from_url
 from router.http import serve
 from router.metrics import RouterMetrics, metrics_port
@@ -41,6 +42,18 @@ log = logging.getLogger(__name__)
 STALL_AFTER_S = 15.0
 #: How long the health check waits for the broker to answer a metadata request.
 BROKER_PROBE_TIMEOUT_S = 3.0
+#: An HTTP caller waits at most this long for the broker's acknowledgement, then gets a 503.
+PRODUCE_TIMEOUT_S = 4.0
+#: At most this many HTTP calls wait for the broker at once; the next ones get a 503 at once.
+MAX_HTTP_WAITING = 256
+#: Seconds between checks that the broker still has the topics (it may come back empty).
+LAYOUT_CHECK_S = 5.0
+#: The topics a routing worker reads or writes.
+ROUTER_TOPICS = ("requests", "decisions", "responses", "rewards", "snapshots", "deadletter")
+
+
+class BrokerUnavailable(KafkaError):
+    """The broker did not acknowledge in time, or too many callers already wait for it (HTTP 503)."""
 
 
 @dataclass
@@ -51,6 +64,11 @@ class RouterStats:
     snapshots_refused: int = 0
     snapshots_stale: int = 0
     refusals: dict[str, int] = field(default_factory=dict)
+    #: Request-offset commits that failed (e.g. the group rebalanced during an outage): the
+    #: uncommitted requests are decided again, and the join refuses the second decisions.
+    commit_failures: int = 0
+    #: HTTP calls answered 503 because the broker did not acknowledge (or too many waited).
+    unavailable: int = 0
 
 
 @dataclass(frozen=True)
@@ -209,6 +227,13 @@ class RoutingWorker:
         self._tasks: list[asyncio.Task] = []
         self._last_poll: float | None = None
         self._assigned: set[TopicPartition] = set()
+        self._guard = LogGuard(worker_id)
+        #: HTTP calls now waiting for the broker, and whether the last one timed out (then new
+        #: ones fail at once until the broker answers a metadata request again).
+        self._waiting = 0
+        self._broker_down_since: float | None = None
+        #: Why the worker stopped because the broker came back empty (None otherwise).
+        self.reset: BrokerResetError | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
@@ -227,7 +252,8 @@ class RoutingWorker:
             await snapshots.seek_to_beginning(part)
             self._producer = producer
             self._tasks = [asyncio.create_task(self._follow_snapshots(snapshots, stop)),
-                           asyncio.create_task(self._route_requests(requests, producer, stop))]
+                           asyncio.create_task(self._route_requests(requests, producer, stop)),
+                           asyncio.create_task(self._watch_broker(producer))]
             if self.http_port is not None:
                 http = await serve(self, self.http_port)
                 log.info("HTTP API on port %d", self.http_port)
@@ -239,6 +265,9 @@ class RoutingWorker:
             await asyncio.gather(*self._tasks, return_exceptions=True)
             for task in done:
                 if task in self._tasks and not task.cancelled() and task.exception():
+                    if isinstance(task.exception(), BrokerResetError):
+                        self.reset = task.exception()
+                        log.critical("%s", self.reset)
                     raise task.exception()
         finally:
             if http is not None:
@@ -258,23 +287,53 @@ class RoutingWorker:
         producer, executor = self._running()
         started = time.monotonic()
         self.router.check(request)
+        self._admit()
         [decision] = await asyncio.get_running_loop().run_in_executor(executor, self.router.route, [request])
-        await producer.send_and_wait(self.settings.topic("decisions"), encode(decision),
-                                     key=decision.request_id.encode())
+        await self._produce(producer, self.settings.topic("decisions"), encode(decision),
+                            decision.request_id.encode())
         self.metrics.decision_latency.labels(source="http").observe(time.monotonic() - started)
         return decision
 
     async def publish(self, short: str, event: Event) -> None:
         """Produce ``event`` to the ``short`` topic (e.g. ``rewards``), keyed by its request id."""
         producer, _ = self._running()
-        await producer.send_and_wait(self.settings.topic(short), encode(event),
-                                     key=event.request_id.encode())  # type: ignore[attr-defined]
+        self._admit()
+        await self._produce(producer, self.settings.topic(short), encode(event),
+                            event.request_id.encode())  # type: ignore[attr-defined]
+
+    def _admit(self) -> None:
+        """Fail an HTTP call at once (503) while the broker is known down or too many wait."""
+        if self._broker_down_since is not None:
+            self.router.stats.unavailable += 1
+            raise BrokerUnavailable(f"the broker has not acknowledged for "
+                                    f"{time.monotonic() - self._broker_down_since:.0f} s")
+        if self._waiting >= MAX_HTTP_WAITING:
+            self.router.stats.unavailable += 1
+            raise BrokerUnavailable(f"{self._waiting} calls already wait for the broker")
+
+    async def _produce(self, producer: AIOKafkaProducer, topic: str, value: bytes, key: bytes) -> None:
+        """Produce and wait for the acknowledgement, at most PRODUCE_TIMEOUT_S (BrokerUnavailable).
+
+        A 503 means "maybe produced": the record may still reach the broker when it is back
+        (a retried reward is de-duplicated by its reward id; a retried route is a new request).
+        """
+        self._waiting += 1
+        try:
+            await asyncio.wait_for(producer.send_and_wait(topic, value, key=key), PRODUCE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            self._broker_down_since = self._broker_down_since or time.monotonic()
+            self.router.stats.unavailable += 1
+            raise BrokerUnavailable(f"no acknowledgement from the broker within {PRODUCE_TIMEOUT_S:g} s") from None
+        finally:
+            self._waiting -= 1
 
     def stalled(self) -> str | None:
         """Why the worker is not consuming, or None when both loops run and polled recently."""
         if not self._tasks:
             return "not started"
-        for task, name in zip(self._tasks, ("snapshots", "requests")):
+        if self.reset is not None:
+            return str(self.reset)
+        for task, name in zip(self._tasks, ("snapshots", "requests", "broker watch")):
             if task.done():
                 return f"the {name} loop has stopped"
         if self._last_poll is None:
@@ -309,6 +368,10 @@ class RoutingWorker:
     async def _follow_snapshots(self, consumer, stop: asyncio.Event) -> None:
         while not stop.is_set():
             batches = await consumer.getmany(timeout_ms=500)
+            for tp, records in batches.items():
+                if records:
+                    self._guard.read(tp, records[-1].offset)
+            self._guard.check(consumer)  # raises BrokerResetError
             for records in batches.values():
                 # Only the newest frame of a batch matters; older ones would be stale anyway.
                 for record in reversed(records):
@@ -323,6 +386,10 @@ class RoutingWorker:
             batches = await consumer.getmany(timeout_ms=200, max_records=self.max_batch)
             self._last_poll = fetched = time.monotonic()
             self._assigned = consumer.assignment()
+            for tp, records in batches.items():
+                if records:
+                    self._guard.read(tp, records[-1].offset)
+            self._guard.check(consumer)  # raises BrokerResetError
             good: list[RouteRequest] = []
             pending = []
             for records in batches.values():
@@ -347,8 +414,29 @@ class RoutingWorker:
             latency = self.metrics.decision_latency.labels(source="kafka")
             for _ in decisions:
                 latency.observe(time.monotonic() - fetched)
+            if pending:
+                self._broker_down_since = None  # it acknowledged
             if batches:
-                await consumer.commit()  # at-least-once: after every decision is acknowledged
+                try:
+                    await consumer.commit()  # at-least-once: after every decision is acknowledged
+                except KafkaError as exc:
+                    # E.g. the group rebalanced while the broker was frozen: the new owner of
+                    # the partition decides these requests again (the join refuses the second
+                    # decision as duplicate_decision). Not a reason to stop routing.
+                    self.router.stats.commit_failures += 1
+                    log.warning("request offsets not committed (%r); they will be decided again", exc)
+
+    async def _watch_broker(self, producer: AIOKafkaProducer) -> None:
+        """Clear the fail-fast state once the broker answers; stop if it came back empty."""
+        last_layout = time.monotonic()
+        while True:
+            await asyncio.sleep(0.5)
+            if self._broker_down_since is not None and await self.broker_problem() is None:
+                log.info("the broker answers again after %.1f s", time.monotonic() - self._broker_down_since)
+                self._broker_down_since = None
+            if time.monotonic() - last_layout >= LAYOUT_CHECK_S:
+                last_layout = time.monotonic()
+                await check_layout(producer.client, self.settings, ROUTER_TOPICS, self.worker_id)
 
 
 def run_routing_worker(settings: Settings) -> None:
