@@ -81,7 +81,7 @@ from typing import Any, NamedTuple
 from schemas.events import Event, ModelResponse, Outcome, RewardEvent, RouteDecision
 from schemas.reward import reward as barp_reward
 
-__all__ = ["JoinCounters", "JoinResult", "Reject", "RewardJoiner", "REASONS"]
+__all__ = ["REASONS", "JoinCounters", "JoinResult", "Reject", "RewardJoiner"]
 
 #: Every reason code the joiner rejects with.
 REASONS = (

@@ -9,7 +9,13 @@ import random
 import numpy as np
 import pytest
 
-from schemas.events import ModelResponse, Outcome, Preference, RewardEvent, RouteDecision
+from schemas.events import (
+    ModelResponse,
+    Outcome,
+    Preference,
+    RewardEvent,
+    RouteDecision,
+)
 from streams.join import REASONS, RewardJoiner
 
 TAU = 0.01
