@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
-from router.policy import DecomposedPolicy, RoutingPolicy
+from router.policy import DecomposedPolicy, PooledDecomposedPolicy, RoutingPolicy
 from schemas import ArraySpec, Snapshot
 from schemas.settings import Settings
 
@@ -40,7 +40,9 @@ _LENGTH = struct.Struct(">I")
 MAX_SNAPSHOT_BYTES = 64 * 1024 * 1024
 
 #: Policy classes that snapshots may name; nothing else is ever constructed from a snapshot.
-_POLICY_CLASSES: dict[str, type[DecomposedPolicy]] = {
+_POLICY_CLASSES: dict[str, type[RoutingPolicy]] = {
+    "pooled-ucb": PooledDecomposedPolicy,
+    "pooled-ts": PooledDecomposedPolicy,
     "decomposed-ts": DecomposedPolicy,
     "decomposed-ucb": DecomposedPolicy,
 }

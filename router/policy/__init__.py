@@ -8,8 +8,14 @@ from __future__ import annotations
 
 from router.policy.base import Choice, RoutingPolicy
 from router.policy.decomposed import DecomposedPolicy
+from router.policy.pooled import PooledDecomposedPolicy
+
+#: Hyperparameters chosen on a validation part of RouterBench's train split (router.bench.quality).
+POOLED = {"prior": 30.0, "scale": 0.5, "intercept_prior": 0.1}
 
 POLICIES = {
+    "pooled-ucb": lambda **kw: PooledDecomposedPolicy(exploration="ucb", **{**POOLED, **kw}),
+    "pooled-ts": lambda **kw: PooledDecomposedPolicy(exploration="ts", **{**POOLED, **kw}),
     "decomposed-ts": lambda **kw: DecomposedPolicy(exploration="ts", **kw),
     "decomposed-ucb": lambda **kw: DecomposedPolicy(exploration="ucb", **kw),
 }
@@ -24,4 +30,5 @@ def make_policy(name: str, **kwargs) -> RoutingPolicy:
     return factory(**kwargs)
 
 
-__all__ = ["POLICIES", "Choice", "DecomposedPolicy", "RoutingPolicy", "make_policy"]
+__all__ = ["POLICIES", "Choice", "DecomposedPolicy", "PooledDecomposedPolicy", "RoutingPolicy",
+           "make_policy"]
