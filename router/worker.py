@@ -69,6 +69,8 @@ class RouterStats:
     commit_failures: int = 0
     #: HTTP calls answered 503 because the broker did not acknowledge (or too many waited).
     unavailable: int = 0
+    #: Snapshot frames not looked at: a newer frame of the same fetch was applied.
+    snapshots_skipped: int = 0
 
 
 @dataclass(frozen=True)
@@ -374,9 +376,10 @@ class RoutingWorker:
             self._guard.check(consumer)  # raises BrokerResetError
             for records in batches.values():
                 # Only the newest frame of a batch matters; older ones would be stale anyway.
-                for record in reversed(records):
+                for i, record in enumerate(reversed(records)):
                     if self.router.apply_snapshot(record.value):
                         log.info("applied snapshot version %d", self.router.snapshot_version)
+                        self.router.stats.snapshots_skipped += len(records) - i - 1
                         break
 
     async def _route_requests(self, consumer, producer, stop: asyncio.Event) -> None:
@@ -391,6 +394,7 @@ class RoutingWorker:
                     self._guard.read(tp, records[-1].offset)
             self._guard.check(consumer)  # raises BrokerResetError
             good: list[RouteRequest] = []
+            by_id = {}
             pending = []
             for records in batches.values():
                 for record in records:
@@ -398,6 +402,7 @@ class RoutingWorker:
                         request = decode(RouteRequest, record.value)
                         self.router.check(request)
                         good.append(request)
+                        by_id[request.request_id] = record
                     except DecodeError as exc:
                         self.router.stats.rejected += 1
                         self.metrics.deadletters.labels(reason=exc.reason, worker="router").inc()
@@ -405,7 +410,17 @@ class RoutingWorker:
                             DeadLetter.for_record(record, exc.reason, exc.detail, self.worker_id))))
             decisions = []
             if good:
-                decisions = await loop.run_in_executor(self._executor, self.router.route, good)
+                try:
+                    decisions = await loop.run_in_executor(self._executor, self.router.route, good)
+                except Exception:  # noqa: BLE001 - a bug one request triggers must not stop routing
+                    log.exception("routing a batch of %d failed; routing its requests one by one", len(good))
+                    decisions, failed = await loop.run_in_executor(self._executor, self._route_each, good)
+                    for request, exc in failed:
+                        self.router.stats.rejected += 1
+                        self.metrics.deadletters.labels(reason="internal_error", worker="router").inc()
+                        record = by_id[request.request_id]
+                        pending.append(await producer.send(s.topic("deadletter"), encode(
+                            DeadLetter.for_record(record, "internal_error", repr(exc), self.worker_id))))
                 for decision in decisions:
                     pending.append(await producer.send(
                         s.topic("decisions"), encode(decision), key=decision.request_id.encode()))
@@ -425,6 +440,16 @@ class RoutingWorker:
                     # decision as duplicate_decision). Not a reason to stop routing.
                     self.router.stats.commit_failures += 1
                     log.warning("request offsets not committed (%r); they will be decided again", exc)
+
+    def _route_each(self, requests: list[RouteRequest]) -> tuple[list[RouteDecision], list]:
+        """Route requests one at a time: the decisions, and the (request, error) that failed."""
+        decisions, failed = [], []
+        for request in requests:
+            try:
+                decisions.extend(self.router.route([request]))
+            except Exception as exc:  # noqa: BLE001 - dead-lettered by the caller
+                failed.append((request, exc))
+        return decisions, failed
 
     async def _watch_broker(self, producer: AIOKafkaProducer) -> None:
         """Clear the fail-fast state once the broker answers; stop if it came back empty."""

@@ -97,18 +97,42 @@ class Learner:
         return duplicate
 
     def remember(self, outcome: Outcome, offset: int) -> None:
-        """Replay a record the state already includes (offset <= self.offset) into the window only."""
+        """Replay a record the state already includes (offset <= self.offset) into the window only.
+
+        Raises DecodeError, as :meth:`apply` did, for an outcome that was refused.
+        """
         if offset > self.offset:
             raise ValueError(f"offset {offset} is not included in the state (at {self.offset}): apply it")
+        self._check(outcome)
         self._observe(outcome.request_id, offset)
+
+    def _check(self, outcome: Outcome) -> None:
+        """Refuse an outcome that would corrupt the model (DecodeError, for the dead letter).
+
+        With candidate models configured, an outcome for another model is refused: learning it
+        would add an arm that every router would then route real traffic to. (Adding a model at
+        run time means adding it to ROUTELOOP_MODELS.) Features of another dimension than the
+        model's cannot be learned from.
+        """
+        models = self.settings.models
+        if models and outcome.model not in models:
+            raise DecodeError("unknown_model", f"{outcome.model[:128]!r} is not one of ROUTELOOP_MODELS")
+        if self.policy is not None and outcome.features.shape[0] != self.policy.dim:
+            raise DecodeError("bad_dimension", f"features have {outcome.features.shape[0]} dimensions, "
+                              f"the model {self.policy.dim}")
 
     def seen(self) -> dict[str, int]:
         """The de-duplication window: request id -> offset of its newest record (for tests)."""
         return dict(self._seen)
 
     def apply(self, outcome: Outcome, offset: int) -> bool:
-        """Learn from one outcome at ``offset``; False if it was already applied (at-least-once)."""
+        """Learn from one outcome at ``offset``; False if it was already applied (at-least-once).
+
+        Raises DecodeError (``unknown_model``, ``bad_dimension``) for an outcome it refuses;
+        the offset counts as read either way.
+        """
         self.offset = offset
+        self._check(outcome)
         if self._observe(outcome.request_id, offset):
             self.duplicates += 1
             return False
@@ -145,6 +169,8 @@ class LearnerWorker:
         self.saved_model: Path | None = None
         self.metrics = LearnerMetrics()
         self.guard = LogGuard(worker_id)
+        #: True once recovered and reading the outcomes topic.
+        self.learning = False
 
     async def _recover(self) -> None:
         s = self.settings
@@ -203,6 +229,7 @@ class LearnerWorker:
             rebuilding = included >= 0
             watch = asyncio.create_task(self._watch_layout(producer))
             unpublished, last_publish = 0, time.monotonic()
+            self.learning = True
             while not stop.is_set():
                 if watch.done():
                     watch.result()  # raises BrokerResetError
@@ -214,7 +241,7 @@ class LearnerWorker:
                             self.learner.remember(decode(Outcome, record.value), record.offset)
                             self.rebuilt += 1
                         except DecodeError:
-                            pass  # dead-lettered by the run that applied it
+                            pass  # refused and dead-lettered by the run that read it
                         continue
                     if rebuilding:
                         rebuilding = False
