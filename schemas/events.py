@@ -132,8 +132,9 @@ class Preference(Event):
         q, c = self.quality, self.cost
         if not math.isfinite(q + c):
             q, c = q / largest, c / largest
-        object.__setattr__(self, "quality", q / (q + c))
-        object.__setattr__(self, "cost", c / (q + c))
+        if q + c != 1.0:  # already normalised weights stay bit-identical through a round trip
+            object.__setattr__(self, "quality", q / (q + c))
+            object.__setattr__(self, "cost", c / (q + c))
         return self
 
     @classmethod

@@ -57,6 +57,7 @@ from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
 
 from deploy.kafka import faust_broker_kwargs
+from router.metrics import FeedbackMetrics, metrics_port, serve_metrics
 from schemas.codec import DecodeError, decode, encode
 from schemas.events import (
     TOPIC_EVENTS,
@@ -216,6 +217,7 @@ class FeedbackWorker:
         self.dead_letters_sent = 0
         self.sweeps = 0
         self._last_stats = clock()
+        self.metrics = FeedbackMetrics()
 
     # -- the agent's work ---------------------------------------------------------------
 
@@ -296,6 +298,7 @@ class FeedbackWorker:
         for outcome in result.outcomes:
             await self.outcomes_topic.send(key=outcome.request_id.encode(), value=encode(outcome))
             self.outcomes_sent += 1
+            self.metrics.outcomes.labels(completion=outcome.completion).inc()
         current = current_event()
         here = None if current is None else [current.message.topic, current.message.partition, current.message.offset]
         for reject in result.rejects:
@@ -334,6 +337,9 @@ class FeedbackWorker:
             key = f"{topic}/{partition}/{offset}".encode()
         await self.deadletter_topic.send(key=key, value=encode(letter))
         self.dead_letters_sent += 1
+        self.metrics.deadletters.labels(reason=letter.reason, worker="feedback").inc()
+        if letter.reason == "late_reward":
+            self.metrics.late_rewards.inc()
 
     def stats(self) -> dict[str, Any]:
         """Worker and join counters, for logs and metrics."""
@@ -498,7 +504,6 @@ def create_app(
         "topic_partitions": settings.partitions,
         "topic_replication_factor": settings.replication_factor,
         "web_enabled": False,
-        "web_port": settings.http_port,
     }
     conf.update(faust_overrides)
     app = RouteloopApp(ident, **conf)
@@ -571,6 +576,8 @@ def run_feedback_worker(settings: Settings, *, worker_id: str | None = None, **f
     Logging goes to stderr at ``settings.log_level``.
     """
     app = create_app(settings, worker_id=worker_id, **faust_overrides)
+    # /metrics on http_port + 2 (router.metrics), in a thread of its own: Faust's web server stays off.
+    metrics_server = serve_metrics(app.feedback.metrics.registry, metrics_port(settings, "feedback"))
     worker = faust.Worker(
         app,
         loglevel=settings.log_level.lower(),
@@ -582,6 +589,9 @@ def run_feedback_worker(settings: Settings, *, worker_id: str | None = None, **f
     except SystemExit as exc:
         if exc.code not in (None, 0):
             raise
+    finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
 
 
 if __name__ == "__main__":  # python -m streams.app: settings from ROUTELOOP_* variables

@@ -53,11 +53,7 @@ N_LATE = 5
 
 def worker_env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROUTELOOP_")}
-    for name in (
-        "bootstrap_servers", "topic_prefix", "partitions", "reward_wait_s", "default_quality",
-        "tau", "session_timeout_ms", "heartbeat_interval_ms", "store", "data_dir", "log_level",
-    ):  # fmt: skip
-        env[f"ROUTELOOP_{name.upper()}"] = str(getattr(settings, name))
+    env.update(settings.to_env())
     env["ROUTELOOP_WORKER_ID"] = "test-worker"
     env["PYTHONPATH"] = str(REPO)
     return env
