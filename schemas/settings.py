@@ -55,9 +55,9 @@ class Settings(BaseModel):
     #: Candidate models (arms), comma-separated in the environment.
     models: tuple[str, ...] = ()
     #: HMAC-SHA256 key for snapshots (hex or text); routers then refuse unsigned snapshots.
-    snapshot_key: str | None = None
+    snapshot_key: str | None = Field(default=None, repr=False)  # secrets stay out of logs
     #: During a key rotation: snapshots signed with this key are still accepted (never used to sign).
-    snapshot_previous_key: str | None = None
+    snapshot_previous_key: str | None = Field(default=None, repr=False)
     #: Consumer group session timeout: a group join waits about half of it on the embedded broker.
     session_timeout_ms: int = Field(default=6_000, ge=1_000)
     heartbeat_interval_ms: int = Field(default=1_000, ge=100)
@@ -67,7 +67,7 @@ class Settings(BaseModel):
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
-    sasl_password: str | None = None
+    sasl_password: str | None = Field(default=None, repr=False)
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None

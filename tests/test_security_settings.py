@@ -111,9 +111,6 @@ def test_mutual_tls_from_a_toml_file_reaches_aiokafka_and_faust(tls, tmp_path):
     assert auth["security_protocol"] == "SSL" and auth["ssl_context"] is not None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "schemas/settings.py: sasl_password, snapshot_key and snapshot_previous_key show in repr(Settings), "
-    "so in any log line or assertion that prints the settings (fix: Field(repr=False))"))
 def test_secrets_do_not_show_in_the_settings_repr():
     settings = Settings(security_protocol="SASL_SSL", sasl_username="u", sasl_password="hunter2-password",
                         snapshot_key="snapshot-signing-key")
