@@ -7,6 +7,7 @@
     routeloop replay [--dataset PATH]     a dataset through the whole loop, then a report
     routeloop topics                      create (if missing) and list the topics
     routeloop schemas export DIR          one JSON Schema per topic
+    routeloop bench quality|speed|loop    benchmarks (see router/bench, deploy/bench_loop.py)
 
 Settings come from ``ROUTELOOP_*`` variables or ``--config FILE`` (TOML); see schemas.settings.
 """
@@ -243,6 +244,77 @@ def route(ctx: click.Context, prompt: str, preference: str | None, candidates: s
             raise click.ClickException(str(exc)) from None
     shown = decision.model_dump(mode="json", exclude=None if with_features else {"features"})
     click.echo(orjson.dumps(shown, option=orjson.OPT_INDENT_2).decode())
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks: routing quality against peers, in-process speed, and the whole loop's speed."""
+
+
+@bench.command("quality")
+@click.option("--dataset", type=click.Path(exists=True), default=None,
+              help="RouterBench folder/CSV/pickle/parquet or JSONL (default: a synthetic world).")
+@click.option("--seeds", type=int, default=5, show_default=True)
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the report as JSON to this file.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write the plot (PNG) to this file.")
+@click.option("--featuriser", default=None, help="Featuriser URL (default: the workers' ROUTELOOP_FEATURISER).")
+@click.option("--passes", type=int, default=3, show_default=True, help="Training passes of the barp protocol.")
+@click.pass_context
+def bench_quality(ctx, dataset, seeds, report_path, plot, featuriser, passes) -> None:
+    """Routing quality under bandit feedback: ours against BaRP, River, peers and baselines."""
+    from router.bench.quality import run_quality_bench
+
+    run_quality_bench(dataset, seeds, report_path, plot, featuriser or _settings(ctx).featuriser, passes)
+
+
+@bench.command("speed")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the report as JSON to this file.")
+@click.option("--decisions", type=int, default=20_000, show_default=True, help="Timed decisions of ours.")
+@click.option("--updates", type=int, default=20_000, show_default=True, help="Timed learner updates of ours.")
+@click.option("--featuriser", "featurisers", multiple=True,
+              help="Featuriser URL to time (repeatable; default: hashing://?dim=384 and minilm://).")
+@click.pass_context
+def bench_speed(ctx, report_path, decisions, updates, featurisers) -> None:
+    """In-process speed at K = 11 arms, 384-d features: decisions, learning, encoding, snapshots.
+
+    Ours (the workers' ROUTELOOP_POLICY, and decomposed-ts) against River's LinUCBDisjoint,
+    ParetoBandit and Vowpal Wabbit (the last two when installed: the bench extra), in one run.
+    """
+    from router.bench.speed import FEATURISERS, format_speed_report, run_speed_bench
+
+    report = run_speed_bench(report_path, decisions=decisions, updates=updates,
+                             featurisers=featurisers or FEATURISERS, policy=_settings(ctx).policy)
+    click.echo(format_speed_report(report))
+    if report_path:
+        click.echo(f"report written to {report_path}", err=True)
+
+
+@bench.command("loop")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the report as JSON to this file.")
+@click.option("--featuriser", "featurisers", multiple=True,
+              help="Featuriser URL (repeatable; default: hashing://?dim=384 and minilm://).")
+@click.option("--duration-s", type=float, default=180.0, show_default=True,
+              help="The saturation phase, which is also the memory phase.")
+@click.option("--latency-s", type=float, default=30.0, show_default=True,
+              help="Each open-loop latency phase (hashing featuriser).")
+@click.option("--window", type=int, default=512, show_default=True,
+              help="Requests kept inside the loop during saturation.")
+@click.option("--log-dir", default=".routeloop/bench-loop", show_default=True)
+@click.pass_context
+def bench_loop(ctx, report_path, featurisers, duration_s, latency_s, window, log_dir) -> None:
+    """The whole loop through the embedded broker, every worker running: throughput, latency,
+    freshness and memory (see deploy/bench_loop.py for what each figure measures)."""
+    from deploy.bench_loop import FEATURISERS, LoopBenchOptions, format_loop_report, run_loop_bench
+
+    options = LoopBenchOptions(featurisers=tuple(featurisers or FEATURISERS), duration_s=duration_s,
+                               latency_s=latency_s, window=window, log_dir=log_dir)
+    report = run_loop_bench(_settings(ctx), options, report_path)
+    click.echo(format_loop_report(report))
+    if report_path:
+        click.echo(f"report written to {report_path}", err=True)
 
 
 @main.group()
