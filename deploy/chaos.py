@@ -992,3 +992,94 @@ async def _account(live: Settings, cases: list[FuzzRecord], where: list, router:
             result.wrong.append({"label": "snapshots", "expected": f"{count} x {reason}",
                                  "got": stats.refusals.get(reason, 0)})
     result.by_reason = dict(reasons) | {f"snapshot:{k}": v for k, v in stats.refusals.items()}
+
+
+# -- routeloop chaos ------------------------------------------------------------------------------
+
+def default_scenarios(requests: int, seed: int = 0) -> list[tuple[str, ChaosOptions]]:
+    """The scenarios of ``routeloop chaos``: each worker killed twice alone, all together, a freeze."""
+    at = lambda *fractions: [int(requests * f) for f in fractions]  # noqa: E731
+    base = ChaosOptions(requests=requests, test_rows=200, rate_per_s=40.0, reward_wait_s=20.0,
+                        loss_share=0.01, duplicate_share=0.02, reward_delay_mean_s=0.5, seed=seed,
+                        timeout_s=max(300.0, requests / 10.0 + 240.0))
+    kill = lambda workers: tuple(Kill(workers, n) for n in at(0.25, 0.6))  # noqa: E731
+    return [
+        ("kill -9 the feedback worker (twice)", replace(base, kills=kill(("feedback",)))),
+        ("kill -9 the learner (twice)", replace(base, kills=kill(("learner",)))),
+        ("kill -9 the routing worker (twice)", replace(base, kills=kill(("router",)))),
+        ("kill -9 all three together (twice)", replace(base, kills=kill(("router", "feedback", "learner")))),
+        ("kill -9 each in turn, traffic not held (a backlog builds)", replace(base, hold_traffic=False, kills=(
+            Kill(("router",), at(0.2)[0]), Kill(("feedback",), at(0.4)[0]), Kill(("learner",), at(0.6)[0])))),
+        ("broker frozen for 10 s", replace(base, freezes=(Freeze(at(0.4)[0], 10.0, http_probes=16),))),
+    ]
+
+
+def goal_met(report: dict[str, Any]) -> bool:
+    """Zero lost, zero applied twice, zero crashes, zero unaccounted, every checksum equal."""
+    scenarios_ok = all(s["lost"] == 0 and s["applied_twice"] == 0 and s["recovered_checksum_equal"]
+                       for s in report["scenarios"])
+    fuzz = report.get("fuzz") or {}
+    return scenarios_ok and fuzz.get("crashes", 1) == 0 and fuzz.get("unaccounted", 1) == 0
+
+
+async def run_chaos(dataset: str | Path, log_dir: str | Path, requests: int = 600, fuzz_cases: int = 600,
+                    seed: int = 0, only: Iterable[str] | None = None, echo=print) -> dict[str, Any]:
+    """Every scenario and the fuzz on a broker of their own; the report of ``routeloop chaos``.
+
+    Each scenario gets a fresh topic prefix (and fresh workers). ``only`` keeps the scenarios
+    whose name contains one of its words (``fuzz`` for the fuzz).
+    """
+    import uuid
+
+    from deploy.broker import EmbeddedBroker
+
+    log_dir = Path(log_dir)
+    data = load_dataset(dataset)
+    words = [w.lower() for w in only] if only else None
+    keep = lambda name: words is None or any(w in name.lower() for w in words)  # noqa: E731
+    report: dict[str, Any] = {"dataset": str(dataset), "requests_per_scenario": requests, "seed": seed,
+                              "scenarios": [], "fuzz": None}
+    started = time.monotonic()
+    with EmbeddedBroker(log_path=log_dir / "broker.log") as broker:
+        for i, (name, options) in enumerate(default_scenarios(requests, seed)):
+            if not keep(name):
+                continue
+            settings = Settings(bootstrap_servers=broker.bootstrap_servers,
+                                topic_prefix=f"chaos{i}-{uuid.uuid4().hex[:6]}.", log_level="WARNING")
+            echo(f"scenario: {name} ...")
+            result = await run_scenario(name, settings, data, log_dir / f"scenario{i}", options, broker=broker)
+            echo("  " + result.summary())
+            report["scenarios"].append(result.to_report())
+        if keep("fuzz"):
+            settings = Settings(bootstrap_servers=broker.bootstrap_servers,
+                                topic_prefix=f"chaosfuzz-{uuid.uuid4().hex[:6]}.", log_level="WARNING")
+            from deploy.topics import ensure_topics
+
+            await ensure_topics(settings)
+            echo(f"fuzz: {fuzz_cases} hypothesis cases and the fixed ones, in one batch ...")
+            fuzz = await run_fuzz(settings, log_dir / "fuzz", n=fuzz_cases, n_snapshots=max(10, fuzz_cases // 10),
+                                  seed=seed)
+            echo("  " + fuzz.summary())
+            report["fuzz"] = fuzz.to_report()
+    report["wall_s"] = round(time.monotonic() - started, 1)
+    report["goal_met"] = goal_met(report)
+    return report
+
+
+def format_chaos(report: dict[str, Any]) -> str:
+    """The report as a table for the terminal."""
+    head = f"{'scenario':<58}{'in':>6}{'applied':>9}{'twice':>7}{'lost':>6}{'dead':>6}{'dup dec':>9}{'checksums':>11}"
+    lines = [head]
+    for s in report["scenarios"]:
+        lines.append(f"{s['name'][:57]:<58}{s['events_in']:>6}{s['applied']:>9}{s['applied_twice']:>7}"
+                     f"{s['lost']:>6}{s['deadlettered']:>6}{s['details']['duplicate_decisions']:>9}"
+                     f"{'equal' if s['recovered_checksum_equal'] else 'DIFFER':>11}")
+    fuzz = report.get("fuzz")
+    if fuzz:
+        lines.append(f"fuzz: {fuzz['cases']} cases  crashes {fuzz['crashes']}  dead-lettered {fuzz['deadlettered']}  "
+                     f"unaccounted {fuzz['unaccounted']}  wrong reason {fuzz['wrong_reason']}")
+        for crash in fuzz["crashed"][:5]:
+            lines.append(f"  crash: {crash}")
+    lines.append(f"goal (0 lost, 0 applied twice, 0 crashes, 0 unaccounted, checksums equal): "
+                 f"{'met' if report['goal_met'] else 'NOT met'}   wall {report['wall_s']:.0f} s")
+    return "\n".join(lines)

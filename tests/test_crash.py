@@ -163,3 +163,79 @@ async def test_kill_9_every_worker_mid_replay(settings, data_dir, tmp_path):
     assert result.details["duplicate_decisions_refused"] == result.details["duplicate_decisions"]
     assert result.details["outcome_duplicates_on_topic"] >= 0
     assert result.details["late_rewards"] == 0
+
+
+@pytest.mark.integration
+async def test_a_router_killed_before_its_commit_decides_again_and_the_join_refuses_the_copy(
+        settings, tmp_path, monkeypatch):
+    """Killed between producing its decisions and committing the requests' offsets, a routing
+    worker's successor decides those requests again: the feedback worker refuses every second
+    decision as ``duplicate_decision`` and each request still has exactly one outcome."""
+    from aiokafka import AIOKafkaConsumer
+
+    from deploy.chaos import read_topic
+    from deploy.local import LocalLoop
+    from router.worker import RoutingWorker
+    from schemas import DeadLetter, ModelResponse, RewardEvent, RouteDecision, RouteRequest, decode
+
+    live = settings.model_copy(update={"models": MODELS, "featuriser": "hashing://?dim=16", "reward_wait_s": 30.0})
+    n = 12
+    async with make_producer(live) as producer:
+        for i in range(n):
+            await producer.send(live.topic("requests"), encode(RouteRequest(request_id=f"r{i}", prompt=f"p {i}")),
+                                key=f"r{i}".encode())
+        await producer.flush()
+
+    real_commit = AIOKafkaConsumer.commit
+    stuck = asyncio.Event()
+
+    async def killed_before_commit(self, *args, **kwargs):
+        stuck.set()
+        await asyncio.Event().wait()  # never: the process dies here
+
+    monkeypatch.setattr(AIOKafkaConsumer, "commit", killed_before_commit)
+    first = RoutingWorker(live)
+    task = asyncio.create_task(first.run(asyncio.Event()))
+    await asyncio.wait_for(stuck.wait(), 30)
+    decided_first = first.router.stats.decisions
+    task.cancel()  # the "kill": nothing more runs, nothing is committed
+    await asyncio.gather(task, return_exceptions=True)
+    monkeypatch.setattr(AIOKafkaConsumer, "commit", real_commit)
+
+    second = RoutingWorker(live)
+    stop = asyncio.Event()
+    task = asyncio.create_task(second.run(stop))
+    deadline = time.monotonic() + 30
+    while second.router.stats.decisions < n:
+        assert not task.done() and time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    stop.set()
+    await task
+
+    records = await read_topic(live, "decisions")
+    first_decision = {}
+    for record in records:
+        first_decision.setdefault(record.key, decode(RouteDecision, record.value))
+    duplicates = len(records) - len(first_decision)
+    assert decided_first > 0 and duplicates == decided_first and len(first_decision) == n
+
+    feedback = LocalLoop(live, log_dir=tmp_path / "logs", start_broker=False, workers=("feedback",))
+    await asyncio.to_thread(feedback.start)
+    try:
+        async with make_producer(live) as producer:  # the caller answers the first decision it saw
+            for key, decision in first_decision.items():
+                await producer.send(live.topic("responses"), encode(ModelResponse(
+                    request_id=decision.request_id, model=decision.model, cost_usd=0.001)), key=key)
+                await producer.send(live.topic("rewards"), encode(RewardEvent(
+                    reward_id=f"w-{decision.request_id}", request_id=decision.request_id, quality=1.0)), key=key)
+            await producer.flush()
+        deadline = time.monotonic() + 40
+        while len(outcomes := await read_topic(live, "outcomes", idle_ms=500)) < n:
+            feedback.check_alive()
+            assert time.monotonic() < deadline, f"{len(outcomes)} outcomes"
+        letters = [decode(DeadLetter, r.value) for r in await read_topic(live, "deadletter")]
+    finally:
+        await asyncio.to_thread(feedback.stop)
+    assert sorted(r.key for r in outcomes) == sorted(first_decision)  # one outcome per request
+    assert [letter.reason for letter in letters] == ["duplicate_decision"] * duplicates
+    print(f"\n{duplicates} requests decided twice after the kill; {duplicates} second decisions refused")
