@@ -359,6 +359,51 @@ def bench_loop(ctx, report_path, featurisers, duration_s, latency_s, window, log
         click.echo(f"report written to {report_path}", err=True)
 
 
+@main.command()
+@click.argument("topic", type=click.Choice(["outcomes", "decisions", "deadletter", "requests", "responses", "rewards"]))
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="The JSON Lines file to write.")
+@click.pass_context
+def export(ctx: click.Context, topic: str, out: str) -> None:
+    """Export every event of a topic as JSON Lines (e.g. outcomes, for `routeloop evaluate`)."""
+    from deploy.export import export_topic
+
+    count = asyncio.run(export_topic(_settings(ctx), topic, Path(out)))
+    click.echo(f"{count} {topic} events written to {out}")
+
+
+@main.command()
+@click.option("--outcomes", "outcomes_path", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="Outcomes exported with `routeloop export outcomes`.")
+@click.option("--policy", "candidate", required=True,
+              help="A policy name (trained on the logs, cross-fitted) or model:NAME for a fixed model.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None)
+@click.pass_context
+def evaluate(ctx: click.Context, outcomes_path: str, candidate: str, report_path: str | None) -> None:
+    """Estimate a policy's value from logged outcomes (IPS, SNIPS, doubly robust; 95% intervals)."""
+    from router.offpolicy import Candidate, LoggedOutcomes
+    from router.offpolicy import evaluate as estimate
+    from schemas import DecodeError, Outcome, decode
+
+    outcomes, skipped = [], 0
+    with open(outcomes_path, "rb") as lines:
+        for line in lines:
+            try:
+                outcomes.append(decode(Outcome, line.rstrip(b"\n")))
+            except DecodeError:
+                skipped += 1
+    logs = LoggedOutcomes.from_outcomes(outcomes)
+    tau = _settings(ctx).tau
+    estimates = estimate(logs, Candidate.parse(candidate), tau)
+    logged = float(logs.rewards(tau).mean())
+    click.echo(f"{len(logs)} outcomes ({skipped} unreadable lines skipped); logged policy's mean reward {logged:.4f}")
+    for name, e in estimates.items():
+        click.echo(f"{name:<6} {e.value:.4f}  95% [{e.low:.4f}, {e.high:.4f}]")
+    if report_path:
+        report = {"candidate": candidate, "outcomes": len(logs), "skipped": skipped, "tau": tau,
+                  "logged_reward": logged, "estimates": {k: e.to_dict() for k, e in estimates.items()}}
+        Path(report_path).write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+
+
 @main.group()
 def schemas() -> None:
     """Event contracts: the JSON Schema of every topic's events."""
