@@ -7,14 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from schemas.settings import Settings
-
 from router.bench import peers
 from router.bench.embeddings import cache_path, cached_embeddings
 from router.bench.quality import PREFERENCES, markdown_table, run_quality_bench
 from router.datasets import synthetic_dataset
 from router.evaluation import ORACLE
 from router.policy.barp import BaRPPolicy
+from schemas.settings import Settings
 
 REQUIRED = {"policy", "protocol", "w_quality", "reward", "reward_std", "quality", "cost_usd"}
 

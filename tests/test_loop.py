@@ -12,7 +12,10 @@ from collections import Counter
 import numpy as np
 import orjson
 import pytest
+from click.testing import CliRunner
 
+from deploy.cli import main
+from deploy.export import export_topic
 from deploy.kafka import make_consumer, make_producer
 from deploy.local import LocalLoop
 from deploy.replay import Replay, ReplayOptions
@@ -86,6 +89,7 @@ async def test_replay_through_every_worker(settings, data_dir, tmp_path):
         letters = await read_dead_letters(live)
     finally:
         await asyncio.to_thread(loop.stop)
+    exported = await export_topic(live, "outcomes", tmp_path / "outcomes.jsonl")
 
     c = report["counts"]
     lost, duplicated = c["rewards_lost_simulated"], c["rewards_duplicated_simulated"]
@@ -110,3 +114,11 @@ async def test_replay_through_every_worker(settings, data_dir, tmp_path):
     assert garbage == Counter((short, reason) for short, _, reason in GARBAGE)
     assert all(base64.b64decode(l.raw_b64) for l in letters)  # the raw bytes are kept
     assert Counter(l.reason for l in letters)["duplicate_reward"] == duplicated
+
+    # The logged outcomes value a policy that never ran (the numbers: tests/test_offpolicy.py).
+    assert exported == N_TRAIN + 1  # and the one garbage record
+    result = CliRunner().invoke(main, ["evaluate", "--outcomes", str(tmp_path / "outcomes.jsonl"),
+                                       "--policy", "model:gpt-4-1106-preview"])
+    assert result.exit_code == 0, result.output
+    assert f"{N_TRAIN} outcomes (1 unreadable lines skipped)" in result.output
+    assert {line.split()[0] for line in result.output.splitlines()[1:]} == {"ips", "snips", "dr"}
