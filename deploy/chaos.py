@@ -363,7 +363,11 @@ class _Chaos:
         try:
             if freeze.http_probes and self.loop.router_url:
                 await asyncio.sleep(0.5)
-                self.http_probes = await probe_route(self.loop.router_url, freeze.http_probes)
+                # Two waves: the first waits for the acknowledgement timeout, the second (the
+                # broker now known down) must be refused at once.
+                for wave in (1, 2):
+                    probes = await probe_route(self.loop.router_url, freeze.http_probes)
+                    self.http_probes.extend({**probe, "wave": wave} for probe in probes)
             await asyncio.sleep(max(0.0, freeze.seconds - (time.monotonic() - started)))
         finally:
             self.broker.thaw()
