@@ -58,6 +58,12 @@ ROUTER_TOPICS = ("requests", "decisions", "responses", "rewards", "snapshots", "
 REQUEST_FETCH_WAIT_MS = 10
 #: The same for the snapshots topic: part of the reward-to-applied-snapshot time.
 SNAPSHOT_FETCH_WAIT_MS = 50
+#: Acknowledged request offsets are committed at most this often (and when the worker stops):
+#: a commit per batch cost a round trip per batch, most of the router's and the broker's CPU
+#: at low load. A crash re-decides at most this much more traffic than with per-batch commits
+#: (the join refuses each second decision as ``duplicate_decision``): still at-least-once, and
+#: an offset is still committed only once every record its batch produced is acknowledged.
+COMMIT_INTERVAL_S = 0.2
 
 
 @dataclass
@@ -266,6 +272,12 @@ class RoutingWorker:
         self._last_poll: float | None = None
         self._assigned: set[TopicPartition] = set()
         self._guard = LogGuard(worker_id)
+        #: Offsets whose batches are acknowledged and not yet committed, and the last commit.
+        self._acknowledged: dict[TopicPartition, int] = {}
+        self._last_commit = 0.0
+        #: Snapshots are decoded, verified and prepared here, off the event loop; the swap is
+        #: one assignment (Router.model), so the routing thread never sees half a model.
+        self._snapshot_executor: ThreadPoolExecutor | None = None
         #: HTTP calls now waiting for the broker, and whether the last one timed out (then new
         #: ones fail at once until the broker answers a metadata request again).
         self._waiting = 0
@@ -288,6 +300,7 @@ class RoutingWorker:
         await requests.start()
         http = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="routing")
+        self._snapshot_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshots")
         try:
             part = TopicPartition(s.topic("snapshots"), 0)
             snapshots.assign([part])
@@ -319,6 +332,7 @@ class RoutingWorker:
                 await http.cleanup()  # no request may reach a stopped producer
             self._producer = None
             self._executor.shutdown(wait=True)
+            self._snapshot_executor.shutdown(wait=True)
             await requests.stop()
             await snapshots.stop()
             await producer.stop()
@@ -411,6 +425,7 @@ class RoutingWorker:
         return self._producer, self._executor
 
     async def _follow_snapshots(self, consumer, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
         while not stop.is_set():
             batches = await consumer.getmany(timeout_ms=500)
             for tp, records in batches.items():
@@ -420,7 +435,10 @@ class RoutingWorker:
             for records in batches.values():
                 # Only the newest frame of a batch matters; older ones would be stale anyway.
                 for i, record in enumerate(reversed(records)):
-                    if self.router.apply_snapshot(record.value):
+                    # Off the event loop: decoding, the sha256 and inverting K matrices take
+                    # milliseconds to tens of them, which every request in flight would wait.
+                    if await loop.run_in_executor(self._snapshot_executor, self.router.apply_snapshot,
+                                                  record.value):
                         log.info("applied snapshot version %d", self.router.snapshot_version)
                         self.router.stats.snapshots_skipped += len(records) - i - 1
                         break
@@ -448,10 +466,14 @@ class RoutingWorker:
                 if previous is not None:
                     await self._settle(consumer, previous)
                 previous = current
+                if previous is None:  # idle: what was acknowledged is committed now
+                    await self._commit(consumer, force=True)
         except asyncio.CancelledError:
-            if previous is not None:  # stopping: commit what was acknowledged, if it is quick
-                with contextlib.suppress(Exception):
+            # Stopping: commit what was acknowledged, if it is quick.
+            with contextlib.suppress(Exception):
+                if previous is not None:
                     await asyncio.wait_for(self._settle(consumer, previous), 5.0)
+                await asyncio.wait_for(self._commit(consumer, force=True), 5.0)
             raise
 
     async def _route_batch(self, batches, consumer, producer) -> _InFlight | None:
@@ -509,9 +531,18 @@ class RoutingWorker:
         acknowledged = time.monotonic()
         for _ in range(batch.decisions):
             latency.observe(acknowledged - batch.fetched)
+        self._acknowledged.update(batch.offsets)  # batches settle in order: offsets only grow
+        await self._commit(consumer)
+
+    async def _commit(self, consumer, force: bool = False) -> None:
+        """Commit the acknowledged offsets, at most every COMMIT_INTERVAL_S unless ``force``."""
+        if not self._acknowledged or (not force and time.monotonic() - self._last_commit < COMMIT_INTERVAL_S):
+            return
         assigned = consumer.assignment()
         # A partition revoked meanwhile is its new owner's to commit: it decides these again.
-        offsets = {tp: offset for tp, offset in batch.offsets.items() if tp in assigned}
+        offsets = {tp: offset for tp, offset in self._acknowledged.items() if tp in assigned}
+        self._acknowledged = {}
+        self._last_commit = time.monotonic()
         if not offsets:
             return
         try:
