@@ -139,7 +139,8 @@ class LoadGenerator:
         partitions = expected_partitions(s)
         consumers = {}
         for short in ("decisions", "outcomes", "snapshots"):
-            consumer = make_consumer(s, group_id=None, enable_auto_commit=False, fetch_max_wait_ms=50)
+            consumer = make_consumer(s, group_id=None, enable_auto_commit=False,
+                                     fetch_max_wait_ms=10 if short == "decisions" else 50)
             await consumer.start()
             topic = s.topic(short)
             parts = [TopicPartition(topic, p) for p in range(partitions[topic])]
