@@ -49,7 +49,7 @@ from deploy.replay import Replay, ReplayOptions
 from deploy.topics import expected_partitions
 from router.datasets import RoutingDataset, load_dataset
 from router.snapshot import SnapshotError, decode_snapshot, encode_snapshot, verification_keys
-from schemas import DeadLetter, DecodeError, Outcome, RouteDecision, decode
+from schemas import DeadLetter, DecodeError, Outcome, decode
 from schemas.settings import Settings
 from streams.learner import Learner
 

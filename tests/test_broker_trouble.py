@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import aiohttp
 import numpy as np
 import pytest
 
