@@ -91,6 +91,17 @@ def cpu_s(pid: int) -> float | None:
         return None
 
 
+def machine_busy_s() -> float | None:
+    """CPU seconds the whole machine spent busy (every process, all cores), from /proc/stat."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / _CLOCK_TICKS
+
+
 def _percentiles_ms(values: Sequence[float]) -> dict[str, float | None]:
     if not len(values):
         return {"p50": None, "p99": None, "n": 0}
@@ -339,7 +350,9 @@ class _Procs:
         return {name: rss_mb(pid) for name, pid in self.pids.items()}
 
     def cpu(self) -> dict[str, float | None]:
-        return {name: cpu_s(pid) for name, pid in self.pids.items()}
+        figures = {name: cpu_s(pid) for name, pid in self.pids.items()}
+        figures["machine (every process)"] = machine_busy_s()
+        return figures
 
 
 def _cores(before: dict, after: dict, seconds: float) -> dict[str, float | None]:
@@ -435,8 +448,11 @@ async def _phases(loop: LocalLoop, url: str, prompts: list[str], models: list[st
         decided = sum(1 for at in t.decided_at.values() if begin + skip <= at <= end)
         lag = _scrape(f"http://127.0.0.1:{s.http_port + 1}/metrics", "routeloop_learner_lag_outcomes")
         sustained = completed / window_s
-        busiest = max((name for name in cpu if cpu[name] is not None and name != "load generator (this process)"),
-                      key=lambda name: cpu[name], default=None)
+        ours = sum(v for k, v in cpu.items() if v is not None and k != "machine (every process)")
+        if cpu.get("machine (every process)") is not None:
+            cpu["other processes (not this benchmark)"] = round(max(0.0, cpu["machine (every process)"] - ours), 3)
+        busiest = max((name for name in procs.pids if cpu.get(name) is not None
+                       and name != "load generator (this process)"), key=lambda name: cpu[name], default=None)
         out["sustained_rps"][url] = round(sustained, 1)
         out["saturation"][url] = {
             "outcomes_per_s": round(sustained, 1), "decisions_per_s": round(decided / window_s, 1),
