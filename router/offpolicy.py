@@ -133,9 +133,12 @@ def evaluate(logs: LoggedOutcomes, candidate: Candidate, tau: float, reward_mode
     w = (chosen == logs.arm) / logs.propensity  # the candidate is deterministic: pi is 0 or 1
 
     ips = _interval(w * r)
-    snips_value = float((w * r).sum() / w.sum())
-    # Delta method: the ratio estimator's influence function is w (r - V) / mean(w).
-    snips = _interval(w * (r - snips_value) / w.mean() + snips_value, snips_value)
+    if w.sum() > 0:
+        snips_value = float((w * r).sum() / w.sum())
+        # Delta method: the ratio estimator's influence function is w (r - V) / mean(w).
+        snips = _interval(w * (r - snips_value) / w.mean() + snips_value, snips_value)
+    else:  # no logged decision agrees with the candidate: SNIPS is undefined
+        snips = Estimate(float("nan"), float("-inf"), float("inf"))
 
     predicted_chosen = np.empty(len(logs))
     predicted_logged = np.empty(len(logs))
