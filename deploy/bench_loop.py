@@ -15,8 +15,9 @@ decision, at once) and the evaluator (a reward for every decision, at once). Pha
    which stage is the limit. Then the memory again (``rss_mb.end``).
 3. **Encoder alone**, in this process, same featuriser and prompts, batches of the routing
    worker's size: ``encoder_only_rps``.
-4. With the hashing featuriser only, **open-loop latency** at each offered load (200 and
-   1000 requests/s): requests go out on a fixed schedule whatever the replies, and
+4. With the hashing featuriser only, on a fresh loop of its own (the embedded broker keeps
+   every message, so no phase runs on what another left), **open-loop latency** at each
+   offered load (200 and 1000 requests/s): requests go out on a fixed schedule whatever the replies, and
    request-to-decision latency is from just before the request's ``send`` to the decision
    arriving here (both on this process's monotonic clock).
 5. **Freshness**, during the 200 requests/s phase: for every reward, the time from just
@@ -414,7 +415,8 @@ def _log(progress: bool, message: str) -> None:
 
 
 async def _phases(loop: LocalLoop, url: str, prompts: list[str], models: list[str], options: LoopBenchOptions,
-                  procs: _Procs, out: dict) -> None:
+                  procs: _Procs, out: dict, kind: str) -> None:
+    """Warm up, then ``kind``: "throughput" (saturation, memory, encoder) or "latency" (open loop)."""
     s = loop.settings
     say = lambda message: _log(options.progress, f"{url}: {message}")  # noqa: E731
     async with LoadGenerator(s, prompts, models) as generator:
@@ -432,6 +434,9 @@ async def _phases(loop: LocalLoop, url: str, prompts: list[str], models: list[st
             loop.check_alive()
             raise RuntimeError(f"no outcome within {time.monotonic() - started:.0f} s of warm-up")
         await generator.wait_for(lambda: len(t.outcome_at) >= len(t.sent_at), 30.0)
+        if kind == "latency":
+            await _latency_phases(loop, generator, options, out, say)
+            return
         rss_start = procs.rss()
 
         # 2. Saturation, the whole loop, for duration_s: also the memory phase.
@@ -471,40 +476,43 @@ async def _phases(loop: LocalLoop, url: str, prompts: list[str], models: list[st
         out["encoder_only_rps"][url] = round(await asyncio.to_thread(
             encoder_only_rps, url, prompts, options.encoder_s), 1)
 
-        # 4./5. Open-loop latency (hashing), and freshness at the lowest load.
-        if url != HASHING:
-            return
-        for rate in sorted(options.loads):
-            say(f"open loop at {rate} requests/s for {options.latency_s:g} s")
-            stop = asyncio.Event()
-            poller = None
-            if rate == min(options.loads) and loop.router_url:
-                poller = asyncio.create_task(generator.poll_model(loop.router_url, options.poll_ms / 1e3, stop))
-            begin, end, ids = await generator.open_loop(rate, options.latency_s)
-            await generator.wait_for(lambda: all(i in t.decided_at for i in ids), 30.0)
-            skip = min(2.0, 0.1 * options.latency_s)
-            latencies = [t.decided_at[i] - t.sent_at[i] for i in ids
-                         if i in t.decided_at and t.sent_at[i] >= begin + skip]
-            figures = _percentiles_ms(latencies)
-            figures.update({"offered_rps": rate, "achieved_send_rps": round(len(ids) / (end - begin), 1),
-                            "undecided": sum(1 for i in ids if i not in t.decided_at)})
-            out["latency_ms"][str(rate)] = figures
-            say(f"request->decision p50 {figures['p50']} ms, p99 {figures['p99']} ms")
-            if poller is not None:
-                # Until every reward of the phase is in a snapshot the router applied.
-                def applied_all() -> bool:
-                    delays, missing = freshness(t, ids)
-                    return missing == 0
-                await generator.wait_for(applied_all, options.settle_s + s.snapshot_every_s)
-                stop.set()
-                await poller
+
+
+async def _latency_phases(loop: LocalLoop, generator: LoadGenerator, options: LoopBenchOptions, out: dict,
+                          say) -> None:
+    """4./5. Open-loop latency at each offered load, and freshness at the lowest one."""
+    s, t = loop.settings, generator.traffic
+    for rate in sorted(options.loads):
+        say(f"open loop at {rate} requests/s for {options.latency_s:g} s")
+        stop = asyncio.Event()
+        poller = None
+        if rate == min(options.loads) and loop.router_url:
+            poller = asyncio.create_task(generator.poll_model(loop.router_url, options.poll_ms / 1e3, stop))
+        begin, end, ids = await generator.open_loop(rate, options.latency_s)
+        await generator.wait_for(lambda: all(i in t.decided_at for i in ids), 30.0)
+        skip = min(2.0, 0.1 * options.latency_s)
+        latencies = [t.decided_at[i] - t.sent_at[i] for i in ids
+                     if i in t.decided_at and t.sent_at[i] >= begin + skip]
+        figures = _percentiles_ms(latencies)
+        figures.update({"offered_rps": rate, "achieved_send_rps": round(len(ids) / (end - begin), 1),
+                        "undecided": sum(1 for i in ids if i not in t.decided_at)})
+        out["latency_ms"][str(rate)] = figures
+        say(f"request->decision p50 {figures['p50']} ms, p99 {figures['p99']} ms")
+        if poller is not None:
+            # Until every reward of the phase is in a snapshot the router applied.
+            def applied_all() -> bool:
                 delays, missing = freshness(t, ids)
-                fresh = _percentiles_ms(delays)
-                fresh.update({"not_applied": missing, "offered_rps": rate, "poll_ms": options.poll_ms,
-                              "snapshot_every_n": s.snapshot_every_n, "snapshot_every_s": s.snapshot_every_s})
-                out["freshness_ms"] = fresh
-                say(f"freshness p50 {fresh['p50']} ms, p99 {fresh['p99']} ms")
-            # Let a backlog (an offered load over capacity) drain before the next phase.
+                return missing == 0
+            await generator.wait_for(applied_all, options.settle_s + s.snapshot_every_s)
+            stop.set()
+            await poller
+            delays, missing = freshness(t, ids)
+            fresh = _percentiles_ms(delays)
+            fresh.update({"not_applied": missing, "offered_rps": rate, "poll_ms": options.poll_ms,
+                          "snapshot_every_n": s.snapshot_every_n, "snapshot_every_s": s.snapshot_every_s})
+            out["freshness_ms"] = fresh
+            say(f"freshness p50 {fresh['p50']} ms, p99 {fresh['p99']} ms")
+        if rate != max(options.loads):  # let a backlog (a load over capacity) drain first
             await generator.wait_for(lambda: len(t.outcome_at) >= len(t.sent_at), 120.0)
 
 
@@ -544,19 +552,22 @@ def run_loop_bench(settings: Settings | None = None, options: LoopBenchOptions =
         except ImportError as error:
             out["skipped"][url] = str(error)
             continue
-        live = settings.model_copy(update={
-            "models": tuple(models), "featuriser": url,
-            "topic_prefix": settings.topic_prefix if start_broker else f"{settings.topic_prefix}b{index}.",
-        })
-        log_dir = Path(options.log_dir) / f"{index}"
-        live = live.model_copy(update={"data_dir": str(log_dir / "data")})
-        loop = LocalLoop(live, log_dir=log_dir, start_broker=start_broker)
-        _log(options.progress, f"{url}: starting the broker and workers (logs in {log_dir})")
-        with loop:
-            loop.wait_until_healthy(timeout_s=120)
-            procs = _Procs(loop, broker_pid)
-            asyncio.run(_phases(loop, url, prompts, models, options, procs, out))
-            loop.check_alive()
+        # Latency on a fresh loop, then throughput and memory on another: the embedded broker
+        # keeps every message, and a phase must not run on what the previous one left.
+        for kind in (("latency", "throughput") if url == HASHING else ("throughput",)):
+            live = settings.model_copy(update={
+                "models": tuple(models), "featuriser": url,
+                "topic_prefix": settings.topic_prefix if start_broker else f"{settings.topic_prefix}b{index}{kind[0]}.",
+            })
+            log_dir = Path(options.log_dir) / f"{index}-{kind}"
+            live = live.model_copy(update={"data_dir": str(log_dir / "data")})
+            loop = LocalLoop(live, log_dir=log_dir, start_broker=start_broker)
+            _log(options.progress, f"{url}: starting the broker and workers for {kind} (logs in {log_dir})")
+            with loop:
+                loop.wait_until_healthy(timeout_s=120)
+                procs = _Procs(loop, broker_pid)
+                asyncio.run(_phases(loop, url, prompts, models, options, procs, out, kind))
+                loop.check_alive()
     # The keys the issue asks for, with the worker names only (the load generator is extra).
     out["setup"] = {
         "featurisers": list(options.featurisers), "arms": len(models), "prompts": source,
