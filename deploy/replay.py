@@ -48,6 +48,9 @@ from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: A dead letter carries the raw event it refuses, which may be over the 1 MiB event limit.
+DEADLETTER_MAX_BYTES = 96 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class ReplayOptions:
@@ -232,7 +235,7 @@ class Replay:
         while batches := await consumer.getmany(timeout_ms=1500):
             for records in batches.values():
                 for record in records:
-                    letter = decode(DeadLetter, record.value)
+                    letter = decode(DeadLetter, record.value, max_bytes=DEADLETTER_MAX_BYTES)
                     if self.run_id.encode() in base64.b64decode(letter.raw_b64):
                         self.flow.deadletter[letter.reason] += 1
 

@@ -56,7 +56,7 @@ from faust.streams import _current_event, current_event
 from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
 
-from deploy.kafka import faust_broker_kwargs
+from deploy.kafka import MAX_MESSAGE_BYTES, BrokerResetError, check_layout, faust_broker_kwargs, make_producer
 from router.metrics import FeedbackMetrics, metrics_port, serve_metrics
 from schemas.codec import DecodeError, decode, encode
 from schemas.events import (
@@ -89,6 +89,11 @@ SOURCES = ("decisions", "responses", "rewards")
 #: The name of the join table (its changelog topic is ``<app id>-join-changelog``).
 TABLE_NAME = "join"
 _MAX_DETAIL = 4_096
+#: A dead letter keeps at most this many raw bytes, so that it fits the producer's request
+#: limit whatever the topic let through.
+MAX_DEAD_LETTER_RAW = 4 * 1024 * 1024
+#: Seconds between checks that the broker still has the worker's topics.
+BROKER_CHECK_S = 2.0
 _STATS_EVERY_S = 60.0
 
 
@@ -329,9 +334,13 @@ class FeedbackWorker:
             reason=reason[:128],
             detail=detail[:_MAX_DETAIL],
             worker=self.worker_name[:128],
-            raw_b64=base64.b64encode(raw or b"").decode("ascii"),
+            raw_b64=base64.b64encode((raw or b"")[:MAX_DEAD_LETTER_RAW]).decode("ascii"),
             created_at=self.clock(),
         )
+        if raw is not None and len(raw) > MAX_DEAD_LETTER_RAW:
+            letter = letter.model_copy(update={"detail": (
+                f"{letter.detail} (raw truncated to its first {MAX_DEAD_LETTER_RAW} of {len(raw)} bytes)"
+            )[:_MAX_DETAIL]})
         key = None
         if partition is not None and offset is not None:
             key = f"{topic}/{partition}/{offset}".encode()
@@ -340,6 +349,19 @@ class FeedbackWorker:
         self.metrics.deadletters.labels(reason=letter.reason, worker="feedback").inc()
         if letter.reason == "late_reward":
             self.metrics.late_rewards.inc()
+
+    async def check_broker(self) -> None:
+        """Raise BrokerResetError if a topic of the worker vanished or changed its partitions.
+
+        A broker that came back empty (DESIGN.md) otherwise leaves this worker committing
+        offsets that fail forever while its producer writes to recreated topics.
+        """
+        if getattr(self, "_probe", None) is None:
+            self._probe = make_producer(self.settings)
+            await self._probe.start()
+        changelog = f"{app_id(self.settings)}-{TABLE_NAME}-changelog"
+        await check_layout(self._probe.client, self.settings, (*SOURCES, "outcomes", "deadletter"),
+                           self.worker_name, extra={changelog: self.settings.partitions})
 
     def stats(self) -> dict[str, Any]:
         """Worker and join counters, for logs and metrics."""
@@ -504,6 +526,8 @@ def create_app(
         "topic_partitions": settings.partitions,
         "topic_replication_factor": settings.replication_factor,
         "web_enabled": False,
+        # Dead letters carry the raw event: room for one over the event size limit.
+        "producer_max_request_size": MAX_MESSAGE_BYTES,
     }
     conf.update(faust_overrides)
     app = RouteloopApp(ident, **conf)
@@ -557,6 +581,14 @@ def create_app(
             await worker.handle(message.topic, message.partition, message.offset, message.key, message.value)
 
     interval = sweep_interval_s if sweep_interval_s is not None else min(1.0, settings.reward_wait_s / 4.0)
+
+    @app.timer(BROKER_CHECK_S, name="routeloop.feedback.broker_check")
+    async def broker_check() -> None:
+        try:
+            await worker.check_broker()
+        except BrokerResetError as exc:
+            log.critical("%s", exc)
+            await app.crash(exc)
 
     @app.timer(interval, name="routeloop.feedback.sweep")
     async def sweep() -> None:

@@ -163,9 +163,6 @@ async def test_a_vanished_topic_or_another_partition_count_is_a_reset():
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(strict=True, reason=(
-    "streams/app.py has no broker-reset check yet: on an empty broker its commits fail forever "
-    "(proposed: a timer running deploy.kafka.check_layout that crashes the app with BrokerResetError)"))
 async def test_a_broker_that_comes_back_empty_stops_the_feedback_worker(tmp_path):
     from deploy.local import LocalLoop
     from schemas import ModelResponse, RewardEvent, RouteDecision

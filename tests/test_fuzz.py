@@ -33,7 +33,7 @@ pytestmark = pytest.mark.integration
 
 
 async def test_fuzz_every_input_topic_in_one_batch(settings, tmp_path):
-    # (The feedback worker's oversized records: see the xfail test below.)
+    # (The feedback worker's oversized records: see the test at the end of this file.)
     result = await run_fuzz(settings, tmp_path / "logs", n=300, n_snapshots=30, seed=5, oversize_on_feedback=False)
     print("\n" + result.summary())
     for wrong in result.wrong:
@@ -236,10 +236,6 @@ async def _at(learner, offset):
     return learner.learner.offset >= offset
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "streams/app.py: the dead letter of an event over 1 MiB is over the Faust producer's 1 MB "
-    "max_request_size; the agent crashes and the event is lost (fix: producer_max_request_size and "
-    "a bounded raw_b64 in FeedbackWorker._dead_letter)"))
 async def test_an_event_over_the_size_limit_on_a_feedback_topic_is_dead_lettered(settings, tmp_path):
     live = settings.model_copy(update={"reward_wait_s": 30.0})
     feedback = LocalLoop(live, log_dir=tmp_path / "logs", start_broker=False, workers=("feedback",))

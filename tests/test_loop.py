@@ -18,7 +18,7 @@ from deploy.cli import main
 from deploy.export import export_topic
 from deploy.kafka import make_consumer, make_producer
 from deploy.local import LocalLoop
-from deploy.replay import Replay, ReplayOptions
+from deploy.replay import DEADLETTER_MAX_BYTES, Replay, ReplayOptions
 from router.datasets import load_dataset
 from schemas import DeadLetter, decode
 
@@ -61,7 +61,7 @@ async def read_dead_letters(settings) -> list[DeadLetter]:
         # The broker's end offsets are unreliable: read until a fetch comes back empty.
         while batch := await consumer.getmany(timeout_ms=2000):
             for records in batch.values():
-                letters.extend(decode(DeadLetter, r.value) for r in records)
+                letters.extend(decode(DeadLetter, r.value, max_bytes=DEADLETTER_MAX_BYTES) for r in records)
     finally:
         await consumer.stop()
     return letters
