@@ -7,6 +7,7 @@
     routeloop replay [--dataset PATH]     a dataset through the whole loop, then a report
     routeloop chaos [--report FILE]       kill -9, freeze and fuzz the loop; audit what survived
     routeloop topics                      create (if missing) and list the topics
+    routeloop models list|set|remove      the model registry, at run time
     routeloop schemas export DIR          one JSON Schema per topic
     routeloop bench quality|speed|loop    benchmarks (see router/bench, deploy/bench_loop.py)
 
@@ -402,6 +403,71 @@ def evaluate(ctx: click.Context, outcomes_path: str, candidate: str, report_path
         report = {"candidate": candidate, "outcomes": len(logs), "skipped": skipped, "tau": tau,
                   "logged_reward": logged, "estimates": {k: e.to_dict() for k, e in estimates.items()}}
         Path(report_path).write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+
+
+@main.group()
+def models() -> None:
+    """The candidate models at run time (the models topic; see router/registry.py).
+
+    \b
+    Routers and the learner follow the topic: a change applies within a fetch, no restart.
+      routeloop models set gpt-5 --price 10     add it (explored from its prior) or reprice it
+      routeloop models remove mixtral           stop routing to it (what it learned is kept)
+      routeloop models list
+    """
+
+
+@models.command("list")
+@click.pass_context
+def models_list(ctx: click.Context) -> None:
+    """Every model: ROUTELOOP_MODELS, then the models topic's newest record of each."""
+    from router.registry import read_registry
+
+    registry, refused = asyncio.run(read_registry(_settings(ctx)))
+    for spec in registry.specs():
+        price = "-" if spec.price is None else f"{spec.price:g}"
+        click.echo(f"{spec.model}\t{'enabled' if spec.enabled else 'removed'}\tprice {price}")
+    for offset, error in refused:
+        click.echo(f"record at offset {offset} refused: {error}", err=True)
+
+
+@models.command("set")
+@click.argument("model")
+@click.option("--price", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Its price, in one unit per model (e.g. USD per million tokens). A change "
+                   "from p to p2 rescales the cost it learned by p2/p.")
+@click.pass_context
+def models_set(ctx: click.Context, model: str, price: float | None) -> None:
+    """Add MODEL (or enable it again), with its price; or change its price.
+
+    Without --price, a model keeps the price it had in the registry.
+    """
+    from router.registry import publish_spec, read_registry
+    from schemas import ModelSpec
+
+    settings = _settings(ctx)
+    if price is None:
+        price = asyncio.run(read_registry(settings))[0].price(model)
+    spec = ModelSpec(model=model, enabled=True, price=price)
+    asyncio.run(publish_spec(settings, spec))
+    click.echo(orjson.dumps(spec.model_dump(mode="json")).decode())
+
+
+@models.command("remove")
+@click.argument("model")
+@click.pass_context
+def models_remove(ctx: click.Context, model: str) -> None:
+    """Stop routing to MODEL. Its late outcomes are still learned; `set` brings it back."""
+    from router.registry import publish_spec, read_registry
+    from schemas import ModelSpec
+
+    settings = _settings(ctx)
+    registry = asyncio.run(read_registry(settings))[0]
+    if not registry.known(model):
+        raise click.ClickException(f"{model!r} is not in the registry (see `routeloop models list`)")
+    spec = ModelSpec(model=model, enabled=False, price=registry.price(model))
+    asyncio.run(publish_spec(settings, spec))
+    click.echo(orjson.dumps(spec.model_dump(mode="json")).decode())
 
 
 @main.group()

@@ -69,6 +69,8 @@ TOPICS: Mapping[str, TopicSpec] = MappingProxyType(
                 "max.message.bytes": str(MAX_MESSAGE_BYTES + 1024 * 1024),
             },
         ),
+        # The model registry: one live record per model name (router.registry).
+        "models": TopicSpec(1, {"cleanup.policy": "compact"}),
         "deadletter": TopicSpec(1, {"cleanup.policy": "delete", "retention.ms": str(14 * _DAY_MS)}),
     }
 )

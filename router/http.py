@@ -103,6 +103,8 @@ class ModelInfo(BaseModel):
     featuriser: str
     dim: int
     arms: list[str]
+    enabled: list[str] = Field(description="the arms the registry lets the router choose")
+    prices: dict[str, float] = Field(description="registered prices, by model (unpriced ones absent)")
     n_updates: int = Field(description="outcomes the snapshot's model learned from")
     snapshots: SnapshotCounts
 
@@ -181,6 +183,8 @@ class RoutingAPI:
             featuriser=router.featuriser.name,
             dim=router.featuriser.dim,
             arms=current.policy.arms,
+            enabled=[a for a, on in zip(current.policy.arms, current.enabled) if on],
+            prices={a: p for a, p in zip(current.policy.arms, current.prices) if p is not None},
             n_updates=current.policy.n_updates,
             snapshots=SnapshotCounts(applied=stats.snapshots_applied, refused=stats.snapshots_refused,
                                      stale=stats.snapshots_stale, refusals=dict(stats.refusals)),

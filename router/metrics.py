@@ -98,6 +98,17 @@ class RouterMetrics:
             "routeloop_snapshots_refused",
             "Snapshots refused (bad checksum or signature, unsigned, wrong dimension...), by reason.",
             ["reason"], registry=r)
+        self.model_enabled = Gauge(
+            "routeloop_model_enabled",
+            "1 for a model the registry lets the router choose, 0 for a removed one. A model's "
+            "share of traffic: rate(routeloop_decisions{model=...}) over the sum of all models'.",
+            ["model"], registry=r)
+        self.model_price = Gauge(
+            "routeloop_model_price", "Each model's price in the registry (NaN: none registered).",
+            ["model"], registry=r)
+        self.specs_refused = Counter(
+            "routeloop_registry_records_refused", "Models-topic records that are not a valid ModelSpec.",
+            registry=r)
 
 
 class LearnerMetrics:

@@ -8,6 +8,7 @@ on that port (route, rewards, model, health, metrics)::
     router = Router(settings, featuriser_from_url(settings.featuriser))
     decisions = router.route(requests)
     router.apply_snapshot(frame)     # decode, verify, swap in atomically; keeps the last good one
+    router.apply_specs([spec])       # a model added, removed or repriced (router.registry)
 
     worker = RoutingWorker(settings)
     await worker.run(stop_event)                 # until stop_event is set
@@ -33,8 +34,9 @@ from router.featurise import Featuriser, featuriser_from_url
 from router.http import serve
 from router.metrics import RouterMetrics, metrics_port
 from router.policy import RoutingPolicy, make_policy
+from router.registry import ModelRegistry
 from router.snapshot import SnapshotError, decode_snapshot, verification_keys
-from schemas import DeadLetter, DecodeError, Event, RouteDecision, RouteRequest, decode, encode
+from schemas import DeadLetter, DecodeError, Event, ModelSpec, RouteDecision, RouteRequest, decode, encode
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ MAX_HTTP_WAITING = 256
 #: Seconds between checks that the broker still has the topics (it may come back empty).
 LAYOUT_CHECK_S = 5.0
 #: The topics a routing worker reads or writes.
-ROUTER_TOPICS = ("requests", "decisions", "responses", "rewards", "snapshots", "deadletter")
+ROUTER_TOPICS = ("requests", "decisions", "responses", "rewards", "snapshots", "models", "deadletter")
 #: Longest a fetch may wait for records, in ms. The embedded broker holds a fetch for about
 #: this long even when records arrive meanwhile (aiokafka's 500 ms default gave a p50 of
 #: 128 ms from request to fetch at 100 requests/s; 10 ms gives 3 ms). On Kafka a fetch returns
@@ -95,17 +97,24 @@ class RouterStats:
     unavailable: int = 0
     #: Snapshot frames not looked at: a newer frame of the same fetch was applied.
     snapshots_skipped: int = 0
+    #: Models-topic records that are not a ModelSpec (logged and counted, never applied).
+    specs_refused: int = 0
 
 
 @dataclass(frozen=True)
 class RoutingModel:
-    """The policy a router decides with and the snapshot it came from (version 0: the prior).
+    """The policy a router decides with, the snapshot it came from (version 0: the prior) and
+    the registry's view of its arms.
 
     One object, swapped in by one assignment: a decision never pairs a policy with
-    another snapshot's version, even while a snapshot is applied on another thread.
+    another snapshot's version or registry, even while one is applied on another thread.
     """
 
     policy: RoutingPolicy
+    #: (K,) bool: the arms the registry lets the router choose.
+    enabled: np.ndarray
+    #: Each arm's registered price (None: none), as decisions carry it.
+    prices: tuple[float | None, ...]
     version: int = 0
     #: The snapshot's creation time (the learner's clock), None for the prior.
     created_at: float | None = None
@@ -122,11 +131,14 @@ class Router:
         self.featuriser = featuriser
         self.keys = verification_keys(settings)
         self.rng = np.random.default_rng(seed)
-        self.model = RoutingModel(make_policy(
-            settings.policy, arms=list(settings.models), dim=featuriser.dim, tau=settings.tau))
-        self.model.policy.prepare()  # the prior too: no decision derives anything
         self.stats = RouterStats()
         self.metrics = metrics or RouterMetrics()
+        self.registry = ModelRegistry(settings.models)
+        #: The newest snapshot's policy as decoded (or the prior): the registry's changes are
+        #: applied to a clone of it, so that a later change starts again from what was learned.
+        self._learned: RoutingPolicy = make_policy(
+            settings.policy, arms=list(settings.models), dim=featuriser.dim, tau=settings.tau)
+        self.model = self._configured(self._learned, 0, None)
         self.metrics.snapshot_age.set_function(lambda: math.nan if self.snapshot_age_s is None
                                                else self.snapshot_age_s)
         self._decision_counters: dict[str, object] = {}  # model -> its labelled counter
@@ -149,6 +161,29 @@ class Router:
         created = self.model.created_at
         return None if created is None else max(0.0, time.time() - created)
 
+    def _configured(self, learned: RoutingPolicy, version: int, created_at: float | None) -> RoutingModel:
+        """The model to swap in: ``learned`` with the registry applied, derived for decisions."""
+        policy = self.registry.configure(learned)
+        policy.prepare()  # derive before the swap, so no decision pays for it
+        prices = tuple(self.registry.price(arm) for arm in policy.arms)
+        for arm, on, price in zip(policy.arms, self.registry.mask(policy.arms), prices):
+            self.metrics.model_enabled.labels(model=arm).set(int(on))
+            self.metrics.model_price.labels(model=arm).set(math.nan if price is None else price)
+        return RoutingModel(policy, self.registry.mask(policy.arms), prices, version, created_at)
+
+    def apply_specs(self, specs: list[ModelSpec]) -> bool:
+        """Apply models-topic records in order; True if the model in use changed."""
+        changed = False
+        for spec in specs:
+            changed |= self.registry.apply(spec)
+        if changed:
+            current = self.model
+            self.model = self._configured(self._learned, current.version, current.created_at)  # the swap
+            log.info("registry: routing to %s", ", ".join(
+                f"{arm}" + ("" if price is None else f" (price {price:g})")
+                for arm, on, price in zip(self.model.policy.arms, self.model.enabled, self.model.prices) if on))
+        return changed
+
     def apply_snapshot(self, frame: bytes) -> bool:
         """Verify and swap in a snapshot frame; on any refusal keep routing with the current model."""
         try:
@@ -160,15 +195,15 @@ class Router:
             if snapshot.header.dim != self.featuriser.dim:
                 raise SnapshotError("bad_dimension", f"snapshot dim {snapshot.header.dim}, "
                                     f"featuriser {self.featuriser.name} dim {self.featuriser.dim}")
-            policy = snapshot.policy()
-            policy.prepare()  # derive before the swap, so no decision pays for it
+            learned = snapshot.policy()
+            model = self._configured(learned, snapshot.header.version, snapshot.header.created_at)
         except SnapshotError as exc:
             self.stats.snapshots_refused += 1
             self.stats.refusals[exc.reason] = self.stats.refusals.get(exc.reason, 0) + 1
             self.metrics.snapshots_refused.labels(reason=exc.reason).inc()
             log.warning("snapshot refused (%s); routing on with version %d", exc, self.model.version)
             return False
-        self.model = RoutingModel(policy, snapshot.header.version, snapshot.header.created_at)  # the swap
+        self._learned, self.model = learned, model  # the swap
         self.stats.snapshots_applied += 1
         self.metrics.snapshots_applied.inc()
         self.metrics.snapshot_version.set(snapshot.header.version)
@@ -184,20 +219,22 @@ class Router:
                 X[i] = r.embedding
         return X
 
-    def check(self, request: RouteRequest, policy: RoutingPolicy | None = None) -> np.ndarray:
-        """The arms of ``policy`` (default: the current one) this request may use.
+    def check(self, request: RouteRequest, model: RoutingModel | None = None) -> np.ndarray:
+        """The arms of ``model`` (default: the current one) this request may use.
 
         Raises DecodeError for a request that cannot be routed.
         """
         if request.embedding is not None and request.embedding.shape[0] != self.featuriser.dim:
             raise DecodeError("bad_dimension", f"embedding has {request.embedding.shape[0]} "
                               f"dimensions, {self.featuriser.name} has {self.featuriser.dim}")
-        arms = (policy or self.policy).arms
+        model = model or self.model
         if request.candidates is None:
-            return np.ones(len(arms), dtype=bool)
-        allowed = np.isin(arms, request.candidates)
+            allowed = model.enabled
+        else:
+            allowed = model.enabled & np.isin(model.policy.arms, request.candidates)
         if not allowed.any():
-            raise DecodeError("unknown_model", f"none of the candidates {request.candidates[:5]} is a known model")
+            which = "registry" if request.candidates is None else f"candidates {request.candidates[:5]}"
+            raise DecodeError("unknown_model", f"no model of the {which} is an enabled model")
         return allowed
 
     def route(self, requests: list[RouteRequest]) -> list[RouteDecision]:
@@ -218,7 +255,7 @@ class Router:
         counters = self._decision_counters
         for i, (request, x) in enumerate(zip(requests, X)):
             preference = request.preference or default
-            allowed = self.check(request, policy)
+            allowed = self.check(request, model)
             choice = policy.decide(x, preference.quality, allowed, rng=self.rng)
             arm = policy.arms[choice.arm]
             chosen[i] = choice.arm
@@ -234,6 +271,7 @@ class Router:
                 policy=policy.name,
                 snapshot_version=model.version,
                 cold_start=model.version == 0,
+                price=model.prices[choice.arm],
             ))
             counter = counters.get(arm)
             if counter is None:
@@ -302,9 +340,11 @@ class RoutingWorker:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="routing")
         self._snapshot_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshots")
         try:
-            part = TopicPartition(s.topic("snapshots"), 0)
-            snapshots.assign([part])
-            await snapshots.seek_to_beginning(part)
+            # One consumer follows the snapshots and the models (registry) topics, from their
+            # beginnings: both kinds of change are applied on one thread, in the order read.
+            parts = [TopicPartition(s.topic("snapshots"), 0), TopicPartition(s.topic("models"), 0)]
+            snapshots.assign(parts)
+            await snapshots.seek_to_beginning(*parts)
             self._producer = producer
             self._tasks = [asyncio.create_task(self._follow_snapshots(snapshots, stop)),
                            asyncio.create_task(self._route_requests(requests, producer, stop)),
@@ -432,7 +472,11 @@ class RoutingWorker:
                 if records:
                     self._guard.read(tp, records[-1].offset)
             self._guard.check(consumer)  # raises BrokerResetError
-            for records in batches.values():
+            for tp, records in batches.items():
+                if tp.topic == self.settings.topic("models"):
+                    await loop.run_in_executor(self._snapshot_executor, self.router.apply_specs,
+                                               self._specs(records))
+                    continue
                 # Only the newest frame of a batch matters; older ones would be stale anyway.
                 for i, record in enumerate(reversed(records)):
                     # Off the event loop: decoding, the sha256 and inverting K matrices take
@@ -442,6 +486,22 @@ class RoutingWorker:
                         log.info("applied snapshot version %d", self.router.snapshot_version)
                         self.router.stats.snapshots_skipped += len(records) - i - 1
                         break
+
+    def _specs(self, records) -> list[ModelSpec]:
+        """The models-topic records that are ModelSpecs; the others are logged and counted.
+
+        Not dead-lettered here: every router reads every record, so the learner (one per
+        model) writes the registry's dead letters.
+        """
+        specs = []
+        for record in records:
+            try:
+                specs.append(decode(ModelSpec, record.value))
+            except DecodeError as exc:
+                self.router.stats.specs_refused += 1
+                self.metrics.specs_refused.inc()
+                log.warning("models record at offset %d refused: %s", record.offset, exc)
+        return specs
 
     async def _route_requests(self, consumer, producer, stop: asyncio.Event) -> None:
         """Route batches of requests; commit each batch's offsets once all it produced is acknowledged.

@@ -5,7 +5,7 @@ One model per topic::
     requests   -> RouteRequest       decisions -> RouteDecision
     responses  -> ModelResponse      rewards   -> RewardEvent
     outcomes   -> Outcome            snapshots -> Snapshot
-    deadletter -> DeadLetter
+    models     -> ModelSpec          deadletter -> DeadLetter
 
 Validation is strict on purpose: every consumer of these topics is a learner
 or a router, and one NaN or negative cost that slips through poisons a model
@@ -44,6 +44,7 @@ MAX_ARMS = 256
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID)]
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
 NonNegative = Annotated[float, Field(ge=0.0)]
+Positive = Annotated[float, Field(gt=0.0)]
 UnitInterval = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
@@ -182,6 +183,8 @@ class RouteDecision(Event):
     snapshot_version: int = Field(ge=0)
     #: True while the worker routes with the prior because no snapshot was applied yet.
     cold_start: bool
+    #: The chosen model's price in the registry when it was chosen (None: no price registered).
+    price: Positive | None = None
     created_at: float = Field(default_factory=_now)
 
 
@@ -223,7 +226,25 @@ class Outcome(Event):
     #: joined: every piece arrived; defaulted: the reward wait window closed first.
     completion: Literal["joined", "defaulted"]
     snapshot_version: int = Field(ge=0)
+    #: The decision's price: the learner expresses the model's learned cost at this price.
+    price: Positive | None = None
     decided_at: float
+    created_at: float = Field(default_factory=_now)
+
+
+class ModelSpec(Event):
+    """One candidate model in the registry (the compacted models topic, keyed by model name).
+
+    The newest record of a model wins. ``enabled`` False removes it from routing (what it
+    learned is kept, for when it comes back). ``price`` is in any unit the operator likes
+    (USD per million tokens, say), the same for every price of one model: when it changes
+    from p to p', what the model learned about its cost is rescaled by p'/p at once, instead
+    of waiting for new outcomes to outweigh the old ones.
+    """
+
+    model: Name
+    enabled: bool = True
+    price: Positive | None = None
     created_at: float = Field(default_factory=_now)
 
 
@@ -292,5 +313,6 @@ TOPIC_EVENTS: dict[str, type[Event]] = {
     "rewards": RewardEvent,
     "outcomes": Outcome,
     "snapshots": Snapshot,
+    "models": ModelSpec,
     "deadletter": DeadLetter,
 }

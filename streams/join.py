@@ -421,6 +421,7 @@ class RewardJoiner:
             reward=barp_reward(quality, response.cost_usd, decision.preference.quality, self.tau),
             completion=completion,
             snapshot_version=decision.snapshot_version,
+            price=decision.price,
             decided_at=decision.created_at,
             created_at=now,
         )

@@ -34,8 +34,9 @@ from aiokafka import TopicPartition
 from deploy.kafka import BrokerResetError, LogGuard, check_layout, make_consumer, make_producer
 from router.metrics import LearnerMetrics, metrics_port, serve_metrics
 from router.policy import RoutingPolicy, make_policy
+from router.registry import ModelRegistry
 from router.snapshot import SnapshotError, decode_snapshot, encode_snapshot, verification_keys
-from schemas import DeadLetter, DecodeError, Outcome, decode, encode
+from schemas import DeadLetter, DecodeError, ModelSpec, Outcome, decode, encode
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 SEEN_WINDOW = 200_000
 #: Seconds between the learner's checks that the broker still has its topics.
 LAYOUT_CHECK_S = 5.0
+#: Longest a fetch of outcomes may wait, in ms: part of the reward-to-snapshot time. The
+#: embedded broker holds a fetch about this long even when records arrive meanwhile.
+OUTCOMES_FETCH_WAIT_MS = 50
 
 
 class Learner:
@@ -62,6 +66,8 @@ class Learner:
         self.version = 0
         self.duplicates = 0
         self.seen_window = seen_window
+        #: The models it may learn about: ROUTELOOP_MODELS and the models topic (router.registry).
+        self.registry = ModelRegistry(settings.models)
         #: request id -> the offset of its newest record, oldest first; only the last
         #: ``seen_window`` offsets are kept.
         self._seen: OrderedDict[str, int] = OrderedDict()
@@ -109,14 +115,14 @@ class Learner:
     def _check(self, outcome: Outcome) -> None:
         """Refuse an outcome that would corrupt the model (DecodeError, for the dead letter).
 
-        With candidate models configured, an outcome for another model is refused: learning it
-        would add an arm that every router would then route real traffic to. (Adding a model at
-        run time means adding it to ROUTELOOP_MODELS.) Features of another dimension than the
-        model's cannot be learned from.
+        With candidate models configured, an outcome for a model never registered is refused:
+        learning it would add an arm that every router would then route real traffic to. (A
+        model is added at run time through the models topic.) Features of another dimension
+        than the model's cannot be learned from.
         """
-        models = self.settings.models
-        if models and outcome.model not in models:
-            raise DecodeError("unknown_model", f"{outcome.model[:128]!r} is not one of ROUTELOOP_MODELS")
+        if self.settings.models and not self.registry.known(outcome.model):
+            raise DecodeError("unknown_model", f"{outcome.model[:128]!r} is neither in ROUTELOOP_MODELS "
+                              "nor in the models topic")
         if self.policy is not None and outcome.features.shape[0] != self.policy.dim:
             raise DecodeError("bad_dimension", f"features have {outcome.features.shape[0]} dimensions, "
                               f"the model {self.policy.dim}")
@@ -141,8 +147,12 @@ class Learner:
                                       dim=outcome.features.shape[0], tau=self.settings.tau)
         if outcome.model not in self.policy.arms:
             self.policy.add_arm(outcome.model)  # a model added at run time starts from its prior
-        self.policy.learn(self.policy.arms.index(outcome.model), outcome.features,
-                          outcome.quality, outcome.cost_usd)
+        arm = self.policy.arms.index(outcome.model)
+        if outcome.price is not None:
+            # The decision's price, not the registry's: the state depends on the outcomes alone
+            # (and their order), so a recovered learner reaches the same one.
+            self.policy.set_price(arm, outcome.price)
+        self.policy.learn(arm, outcome.features, outcome.quality, outcome.cost_usd)
         return True
 
     def snapshot_frame(self) -> bytes:
@@ -213,13 +223,23 @@ class LearnerWorker:
     async def _learn(self, stop: asyncio.Event) -> None:
         s = self.settings
         producer = make_producer(s)
-        consumer = make_consumer(s, group_id=None, enable_auto_commit=False)
+        consumer = make_consumer(s, group_id=None, enable_auto_commit=False,
+                                 fetch_max_wait_ms=OUTCOMES_FETCH_WAIT_MS)
         await producer.start()
         await consumer.start()
         watch: asyncio.Task | None = None
         try:
             part = TopicPartition(s.topic("outcomes"), 0)
-            consumer.assign([part])
+            models = TopicPartition(s.topic("models"), 0)
+            # The whole registry first: which models the replayed outcomes may name. (End
+            # offsets are unreliable on the embedded broker: read until a fetch is empty.)
+            consumer.assign([models])
+            await consumer.seek_to_beginning(models)
+            while batch := await consumer.getmany(models, timeout_ms=1000):
+                await self._apply_specs(producer, batch[models])
+            following = await consumer.position(models)
+            consumer.assign([part, models])
+            consumer.seek(models, following)
             # Records up to `included` are in the restored state: re-read the last SEEN_WINDOW
             # of them into the de-duplication window only, then apply from the next offset.
             included = self.learner.offset
@@ -233,7 +253,8 @@ class LearnerWorker:
             while not stop.is_set():
                 if watch.done():
                     watch.result()  # raises BrokerResetError
-                batch = await consumer.getmany(part, timeout_ms=200, max_records=1000)
+                batch = await consumer.getmany(timeout_ms=200, max_records=1000)
+                await self._apply_specs(producer, batch.get(models, []))
                 for record in batch.get(part, []):
                     self.guard.read(part, record.offset)
                     if record.offset <= included:
@@ -259,7 +280,7 @@ class LearnerWorker:
                         await self._publish(producer)
                         unpublished, last_publish = 0, time.monotonic()
                 self.guard.check(consumer)  # raises BrokerResetError
-                if rebuilding and not batch:
+                if rebuilding and not batch.get(part):
                     # The window holds what the log still has (e.g. retention removed older
                     # records); nothing past the snapshot yet.
                     rebuilding = False
@@ -279,6 +300,22 @@ class LearnerWorker:
             await consumer.stop()
             await producer.stop()
 
+    async def _apply_specs(self, producer, records) -> None:
+        """Apply models-topic records to the registry; dead-letter those that are not ModelSpecs.
+
+        A restarted learner re-reads the topic, so a bad record may be dead-lettered again, under
+        the same key (its topic/partition/offset).
+        """
+        for record in records:
+            self.guard.read(TopicPartition(record.topic, record.partition), record.offset)
+            try:
+                self.learner.registry.apply(decode(ModelSpec, record.value))
+            except DecodeError as exc:
+                self.metrics.deadletters.labels(reason=exc.reason, worker="learner").inc()
+                await producer.send(self.settings.topic("deadletter"), encode(
+                    DeadLetter.for_record(record, exc.reason, exc.detail, self.worker_id)),
+                    key=f"{record.topic}/{record.partition}/{record.offset}".encode())
+
     def _log_rebuilt(self) -> None:
         log.info("de-duplication window rebuilt from %d outcome records (offsets %d..%d)",
                  self.rebuilt, self.learner.window_start(), self.learner.offset)
@@ -286,7 +323,8 @@ class LearnerWorker:
     async def _watch_layout(self, producer) -> None:
         while True:
             await asyncio.sleep(LAYOUT_CHECK_S)
-            await check_layout(producer.client, self.settings, ("outcomes", "snapshots"), self.worker_id)
+            await check_layout(producer.client, self.settings, ("outcomes", "snapshots", "models"),
+                               self.worker_id)
 
     def _save_model(self, reason: BrokerResetError) -> None:
         """Write the model to data_dir: with the broker's data gone it is the only copy."""

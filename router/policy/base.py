@@ -70,6 +70,14 @@ class RoutingPolicy(bandit.base.ContextualPolicy, abc.ABC):
     def prepare(self) -> None:
         """Derive whatever decisions need from the state now, not at the first decision."""
 
+    def set_price(self, arm: int, price: float) -> None:
+        """Express what ``arm`` learned about its cost at a new ``price`` (see schemas.ModelSpec)."""
+        raise NotImplementedError(f"policy {self.name} keeps no cost estimate to reprice")
+
+    def clone(self) -> RoutingPolicy:
+        """An independent copy with the same state (what a snapshot would restore)."""
+        return type(self).from_state(self.arms, self.dim, self.params(), self.arrays(), self.n_updates)
+
     # River's interface, in terms of the above.
 
     def _pull(self, arm_ids, context):  # type: ignore[override]

@@ -157,6 +157,8 @@ class DecomposedPolicy(RoutingPolicy):
         self.b_quality = np.zeros((K, n_features))
         self.b_cost = np.zeros((K, n_features))
         self.counts = np.zeros(K, dtype=np.int64)
+        #: The price each arm's cost sums are expressed at (0: no price registered yet).
+        self.prices = np.zeros(K)
         self._derived: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._hot: _Hot | None = None
         self._local = threading.local()  # per-thread scratch buffers (see _scratch)
@@ -233,8 +235,25 @@ class DecomposedPolicy(RoutingPolicy):
         self.b_quality = np.concatenate([self.b_quality, np.zeros((1, d))])
         self.b_cost = np.concatenate([self.b_cost, np.zeros((1, d))])
         self.counts = np.append(self.counts, 0)
+        self.prices = np.append(self.prices, 0.0)
         self._derived = None
         self._hot = None
+
+    def set_price(self, arm: int, price: float) -> None:
+        """Rescale ``arm``'s cost sums from the price they are expressed at to ``price``.
+
+        Cost is linear in the price, and A does not depend on cost, so scaling b_cost scales
+        the cost estimate exactly: the state is that of having seen every cost at ``price``.
+        """
+        if not price > 0:
+            raise ValueError(f"price must be positive, got {price!r}")
+        old = self.prices[arm]
+        if old == price:
+            return
+        if old > 0:
+            self.b_cost[arm] *= price / old
+        self.prices[arm] = price
+        self._derived = None
 
     # Estimates: derived from the sums when first needed after a change.
 
@@ -369,7 +388,7 @@ class DecomposedPolicy(RoutingPolicy):
         # A is symmetric: its upper triangle is the whole of it, at half the size.
         upper = np.triu_indices(self.n_features)
         return {"A_upper": self.A[:, upper[0], upper[1]], "b_quality": self.b_quality,
-                "b_cost": self.b_cost, "counts": self.counts}
+                "b_cost": self.b_cost, "counts": self.counts, "prices": self.prices}
 
     @classmethod
     def from_state(cls, arms, dim, params, arrays, n_updates, seed=None) -> DecomposedPolicy:
@@ -386,6 +405,8 @@ class DecomposedPolicy(RoutingPolicy):
             samples=int(params["samples"]),
             seed=seed,
         )
+        if "prices" not in arrays:  # a snapshot from before the registry: no price known
+            arrays = {**arrays, "prices": policy.prices}
         expected = {k: v.shape for k, v in policy.arrays().items()}
         got = {k: np.asarray(v).shape for k, v in arrays.items()}
         if expected != got:
@@ -397,5 +418,6 @@ class DecomposedPolicy(RoutingPolicy):
         policy.b_quality = np.array(arrays["b_quality"], dtype=np.float64)
         policy.b_cost = np.array(arrays["b_cost"], dtype=np.float64)
         policy.counts = np.array(arrays["counts"], dtype=np.int64)
+        policy.prices = np.array(arrays["prices"], dtype=np.float64)
         policy.n_updates = int(n_updates)
         return policy
