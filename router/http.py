@@ -75,6 +75,7 @@ class RouteAnswer(BaseModel):
     cold_start: bool
     policy: str
     featuriser: str
+    price: float | None = Field(description="the model's registered price; null when it has none")
     created_at: float
 
 

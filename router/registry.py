@@ -36,11 +36,15 @@ class ModelRegistry:
 
     def __init__(self, models: Iterable[str] = ()) -> None:
         self._specs: dict[str, ModelSpec] = {m: ModelSpec(model=m, created_at=0.0) for m in models}
+        #: The first price read for each model: the price an unpriced model's learned cost is at.
+        self._first_price: dict[str, float] = {}
 
     def apply(self, spec: ModelSpec) -> bool:
         """Take ``spec`` as its model's newest record; True if routing changes."""
         current = self._specs.get(spec.model)
         self._specs[spec.model] = spec
+        if spec.price is not None:
+            self._first_price.setdefault(spec.model, spec.price)
         return current is None or (current.enabled, current.price) != (spec.enabled, spec.price)
 
     @property
@@ -78,7 +82,12 @@ class ModelRegistry:
         for model in added:
             policy.add_arm(model)
         for model, price in priced.items():
-            policy.set_price(policy.arms.index(model), price)
+            arm = policy.arms.index(model)
+            # A model the learner has no price for (none of its outcomes had one yet) learned
+            # its cost at the first price registered; a priced one goes through it unchanged
+            # (p -> first -> price is p -> price).
+            policy.set_price(arm, self._first_price[model])
+            policy.set_price(arm, price)
         return policy
 
 
