@@ -520,8 +520,9 @@ async def _audit(name: str, live: Settings, replay: PacedReplay, report: dict, c
 FUZZ_MODELS = ("small", "large")
 FUZZ_DIM = 16
 #: The topics the workers read: requests (router), decisions/responses/rewards (feedback),
-#: outcomes (learner), snapshots (router).
-INPUT_TOPICS = ("requests", "decisions", "responses", "rewards", "outcomes", "snapshots")
+#: outcomes (learner), snapshots (router), models (router and learner; the learner
+#: dead-letters what is not a ModelSpec).
+INPUT_TOPICS = ("requests", "decisions", "responses", "rewards", "outcomes", "snapshots", "models")
 #: A record the workers must use (a decision, a join, an update), not dead-letter.
 PROCESSED = "processed"
 _TOO_LARGE = 1_048_576 + 1_024
@@ -564,6 +565,8 @@ def _valid(topic: str, rid: str, rng: np.random.Generator, model: str = "small")
                 "propensity": 0.5, "distribution": {m: 0.5 for m in FUZZ_MODELS}, "quality": 0.5,
                 "cost_usd": 0.001, "reward": 0.3, "completion": "joined", "snapshot_version": 0,
                 "decided_at": 1.0, "created_at": 1.0}
+    if topic == "models":  # a price for a configured model: routing goes on
+        return {"model": model, "price": 1.0, "created_at": 1.0}
     raise ValueError(topic)
 
 
@@ -585,11 +588,14 @@ _FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], tupl
                   "reward", "completion", "snapshot_version", "decided_at"),
                  ("quality", "cost_usd", "reward", "decided_at"), ("request_id", "model"),
                  (("quality", 1.5), ("cost_usd", -1.0), ("propensity", 0.0), ("completion", "guessed"))),
+    # (price may be null: no price.)
+    "models": (("model",), ("created_at",), ("model",),
+               (("price", 0.0), ("price", -1.0), ("enabled", "yes"), ("model", ""))),
 }
 
 #: What a valid event alone becomes: requests are decided, outcomes learned from, and the
 #: feedback worker closes a lone piece after the reward window.
-_ALONE = {"requests": PROCESSED, "outcomes": PROCESSED, "decisions": "expired_no_response",
+_ALONE = {"requests": PROCESSED, "outcomes": PROCESSED, "models": PROCESSED, "decisions": "expired_no_response",
           "responses": "orphan_response", "rewards": "orphan_reward"}
 
 
@@ -641,7 +647,7 @@ def fuzz_cases(n: int, seed: int = 0, oversize_on_feedback: bool = True) -> list
         return st.one_of(*kinds)
 
     drawn: list[tuple[str, tuple]] = []
-    topics = st.sampled_from(("requests", "decisions", "responses", "rewards", "outcomes"))
+    topics = st.sampled_from(("requests", "decisions", "responses", "rewards", "outcomes", "models"))
 
     @hsettings(max_examples=n, database=None, deadline=None, phases=[Phase.generate],
                suppress_health_check=list(HealthCheck))
@@ -699,16 +705,18 @@ def _fixed_cases(rng: np.random.Generator, oversize_on_feedback: bool = True) ->
     dumps = orjson.dumps
     cases: list[FuzzRecord] = []
     add = lambda *a, **k: cases.append(FuzzRecord(*a, **k))  # noqa: E731
-    for topic in ("requests", "decisions", "responses", "rewards", "outcomes"):
+    for topic in ("requests", "decisions", "responses", "rewards", "outcomes", "models"):
         rid = f"fx-null-{topic[:3]}"
         add(topic, rid.encode(), None, frozenset({"empty"}), f"{topic}:null value")
         if topic in ("decisions", "responses", "rewards") and not oversize_on_feedback:
             continue
-        big = _valid(topic, f"fx-big-{topic[:3]}", rng)
-        big["request_id"] = f"fx-big-{topic[:3]}"
+        big_id = f"fx-big-{topic[:3]}"
+        big = _valid(topic, big_id, rng)
+        if topic != "models":
+            big["request_id"] = big_id
         raw = dumps(big)
         raw = raw[:-1] + b', "padding": "' + b"p" * (_TOO_LARGE - len(raw)) + b'"}'
-        add(topic, big["request_id"].encode(), raw, frozenset({"too_large"}), f"{topic}:over the size limit")
+        add(topic, big_id.encode(), raw, frozenset({"too_large"}), f"{topic}:over the size limit")
     # requests the router must refuse, and ones it must decide
     unknown = {**_valid("requests", "fx-unknown-model", rng), "candidates": ["no-such-model"]}
     add("requests", b"fx-unknown-model", dumps(unknown), frozenset({"unknown_model"}), "requests:unknown model")
@@ -964,7 +972,9 @@ async def _account(live: Settings, cases: list[FuzzRecord], where: list, router:
             result.deadlettered += 1
             ok = reason in case.expect
         else:
-            used = {"requests": case.key in decided, "outcomes": True}.get(case.topic, case.key in joined)
+            # The learner reads every outcome and models record: not dead-lettered means used.
+            used = {"requests": case.key in decided, "outcomes": True, "models": True}.get(
+                case.topic, case.key in joined)
             if not used:
                 result.unaccounted += 1
                 result.wrong.append({"label": case.label, "expected": sorted(case.expect), "got": None})
@@ -981,6 +991,11 @@ async def _account(live: Settings, cases: list[FuzzRecord], where: list, router:
     if learned + refused != len(outcomes):
         result.unaccounted += abs(len(outcomes) - learned - refused)
     stats = router.router.stats
+    # Every router reads the models topic too: it must refuse exactly what the learner did.
+    models_refused = sum(1 for (topic, _, _) in letters if topic == live.topic("models"))
+    if stats.specs_refused != models_refused:
+        result.wrong.append({"label": "models", "expected": f"{models_refused} refused by the router",
+                             "got": stats.specs_refused})
     snapshot_cases_in = sum(1 for c in cases if c.topic == "snapshots")
     result.snapshots = {"in": snapshot_cases_in + learner.published, "applied": stats.snapshots_applied,
                         "stale": stats.snapshots_stale, "refused": stats.snapshots_refused,
