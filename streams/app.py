@@ -17,10 +17,12 @@ duplicates, late and orphaned events. A timer sweeps the table every
 
 Processing is at-least-once: Faust commits a source offset only after flushing what
 the worker produced for it, so a crash replays the uncommitted events, which the
-joiner then mostly recognises as duplicates. One window remains: a crash after the
-table's changelog write reached the broker but before the outcome did loses that
-outcome (the replayed event finds the tombstone); the other way round an outcome is
-emitted twice, which the learner de-duplicates by request_id.
+joiner then mostly recognises as duplicates. A closed join's tombstone reaches the
+table (and its changelog) only once its outcome is acknowledged, and only then is the
+event that closed it acknowledged to Faust, so no source offset past it is committed
+before (:class:`TableState`, :meth:`FeedbackWorker._release_when_acked`): a crash in
+between replays that event against the pending entry, which joins again. An outcome
+may so be emitted twice, which the learner de-duplicates by request_id; none is lost.
 
 Faust (faust-streaming 0.15.3) on the embedded broker needed (see DESIGN.md):
 
@@ -38,14 +40,23 @@ Faust (faust-streaming 0.15.3) on the embedded broker needed (see DESIGN.md):
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import functools
 import logging
 import os
 import socket
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -56,7 +67,13 @@ from faust.streams import _current_event, current_event
 from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
 
-from deploy.kafka import MAX_MESSAGE_BYTES, BrokerResetError, check_layout, faust_broker_kwargs, make_producer
+from deploy.kafka import (
+    MAX_MESSAGE_BYTES,
+    BrokerResetError,
+    check_layout,
+    faust_broker_kwargs,
+    make_producer,
+)
 from router.metrics import FeedbackMetrics, metrics_port, serve_metrics
 from schemas.codec import DecodeError, decode, encode
 from schemas.events import (
@@ -117,7 +134,8 @@ class _StandInEvent:
 
 
 class TableState(MutableMapping[str, dict[str, Any]]):
-    """The joiner's view of the Faust Table: writable from the sweep, active partitions only.
+    """The joiner's view of the Faust Table: writable from the sweep, active partitions only,
+    and closed entries held back from the changelog until their outcome is acknowledged.
 
     Faust lets a table be modified only while an agent processes an event: the changelog
     partition (and the RocksDB store's partition) is the event's partition. The sweep runs
@@ -127,9 +145,18 @@ class TableState(MutableMapping[str, dict[str, Any]]):
     the write itself is the table's own ``__setitem__``/``__delitem__``, which sends the
     changelog record.
 
+    Inside :meth:`holding`, an entry the joiner closes (its join tombstone, which has
+    ``"closed_at"``) is *held*: this worker reads it at once, so later events for the key
+    meet the tombstone, but nothing reaches the table or its changelog until
+    :meth:`release` (its outcome is acknowledged: write it) or :meth:`discard` (the produce
+    failed: forget it, the changelog still has the pending entry, so a replay joins again).
+    A tombstone in the changelog before its outcome is on the outcomes topic would turn a
+    crash in between into a lost outcome.
+
     Iteration yields only the keys of partitions this worker actively owns
     (``active_partitions()``; None means all), so the sweep never closes the entries of a
-    standby partition, nor stale entries of a partition that moved to another worker.
+    standby partition, nor stale entries of a partition that moved to another worker; and
+    never a held key (closed already; it may not change until it is released).
     """
 
     def __init__(
@@ -141,44 +168,107 @@ class TableState(MutableMapping[str, dict[str, Any]]):
         self.table = table
         self.source_topic = source_topic
         self.active_partitions = active_partitions
+        self._held: dict[str, dict[str, Any]] = {}
+        self._holding: list[str] | None = None
+
+    # -- holding closed entries back --------------------------------------------------
 
     @contextlib.contextmanager
-    def _in_event_for(self, key: str) -> Iterator[int]:
+    def holding(self) -> Iterator[list[str]]:
+        """Hold the entries closed inside the block; yields the list of their keys.
+
+        The caller must :meth:`release` or :meth:`discard` every key it is given; if the
+        block raises, its keys are discarded here.
+        """
+        keys: list[str] = []
+        self._holding = keys
+        try:
+            yield keys
+        except BaseException:
+            for key in keys:
+                self.discard(key)
+            raise
+        finally:
+            self._holding = None
+
+    def release(self, key: str) -> None:
+        """Write a held entry to the table (and its changelog)."""
+        value = self._held.pop(key, None)
+        if value is not None:
+            self._write(key, value)
+
+    def discard(self, key: str) -> None:
+        """Forget a held entry: the table keeps what its changelog has."""
+        self._held.pop(key, None)
+
+    def held(self) -> int:
+        """The number of entries held back."""
+        return len(self._held)
+
+    # -- the mapping ------------------------------------------------------------------
+
+    def _partition_of(self, key: str) -> int:
         event = current_event()
         if event is not None:
-            yield event.message.partition
-            return
+            return int(event.message.partition)
         stored = self.table.data.get(key)
         if stored is None or "_p" not in stored:
             raise RuntimeError(f"no partition known for key {key!r} outside of an event")
-        stand_in = _StandInEvent(self.source_topic, int(stored["_p"]))
+        return int(stored["_p"])
+
+    @contextlib.contextmanager
+    def _in_event_of(self, partition: int) -> Iterator[None]:
+        event = current_event()
+        if event is not None and event.message.partition == partition:
+            yield
+            return
+        stand_in = _StandInEvent(self.source_topic, partition)
         token = _current_event.set(weakref.ref(stand_in))
         try:
-            yield stand_in.message.partition
+            yield
         finally:
             _current_event.reset(token)
 
+    def _write(self, key: str, value: dict[str, Any]) -> None:
+        with self._in_event_of(value["_p"]):
+            self.table[key] = value
+
+    def _check_not_held(self, key: str) -> None:
+        if key in self._held:
+            raise RuntimeError(f"{key!r} is closed and held until its outcome is acknowledged")
+
     def __getitem__(self, key: str) -> dict[str, Any]:
-        return self.table.data[key]
+        held = self._held.get(key)
+        return self.table.data[key] if held is None else held
 
     def get(self, key: str, default: Any = None) -> Any:
-        return self.table.data.get(key, default)
+        held = self._held.get(key)
+        return self.table.data.get(key, default) if held is None else held
 
     def __contains__(self, key: object) -> bool:
-        return key in self.table.data
+        return key in self._held or key in self.table.data
 
     def __setitem__(self, key: str, value: dict[str, Any]) -> None:
-        with self._in_event_for(key) as partition:
-            self.table[key] = {**value, "_p": partition}
+        self._check_not_held(key)
+        value = {**value, "_p": self._partition_of(key)}
+        if self._holding is not None and "closed_at" in value:  # a join tombstone (streams.join)
+            self._held[key] = value
+            self._holding.append(key)
+        else:
+            self._write(key, value)
 
     def __delitem__(self, key: str) -> None:
-        with self._in_event_for(key):
+        self._check_not_held(key)
+        with self._in_event_of(self._partition_of(key)):
             del self.table[key]
 
     def __iter__(self) -> Iterator[str]:
         store = self.table.data
+        held = self._held
         active = self.active_partitions()
         for key in list(store.keys()):
+            if key in held:
+                continue
             if active is None:
                 yield key
                 continue
@@ -202,6 +292,7 @@ class FeedbackWorker:
         settings: Settings,
         joiner: RewardJoiner,
         *,
+        state: TableState,
         worker_name: str,
         outcomes_topic: Any,
         deadletter_topic: Any,
@@ -210,6 +301,7 @@ class FeedbackWorker:
         self.app = app
         self.settings = settings
         self.joiner = joiner
+        self.state = state
         self.worker_name = worker_name
         self.outcomes_topic = outcomes_topic
         self.deadletter_topic = deadletter_topic
@@ -223,6 +315,7 @@ class FeedbackWorker:
         self.sweeps = 0
         self._last_stats = clock()
         self.metrics = FeedbackMetrics()
+        self._crash: asyncio.Task[None] | None = None
 
     # -- the agent's work ---------------------------------------------------------------
 
@@ -256,13 +349,14 @@ class FeedbackWorker:
         source = [topic, partition, offset]
         now = self.clock()
         try:
-            if isinstance(event, RouteDecision):
-                result = self.joiner.on_decision(event, now, source)
-            elif isinstance(event, ModelResponse):
-                result = self.joiner.on_response(event, now, source)
-            else:
-                assert isinstance(event, RewardEvent)
-                result = self.joiner.on_reward(event, now, source)
+            with self.state.holding() as closed:
+                if isinstance(event, RouteDecision):
+                    result = self.joiner.on_decision(event, now, source)
+                elif isinstance(event, ModelResponse):
+                    result = self.joiner.on_response(event, now, source)
+                else:
+                    assert isinstance(event, RewardEvent)
+                    result = self.joiner.on_reward(event, now, source)
         except PartitionsMismatch as exc:
             # A misconfigured cluster (the changelog is not co-partitioned with the event
             # topics): nothing would join; stop loudly instead of dead-lettering everything.
@@ -274,7 +368,7 @@ class FeedbackWorker:
             self.internal_errors += 1
             await self._dead_letter("internal_error", repr(exc), raw, topic, partition, offset)
             return
-        await self.emit(result, raw=raw)
+        await self.emit(result, raw=raw, closed=closed)
 
     async def sweep(self) -> JoinResult | None:
         """Close expired entries and drop old tombstones (the timer's work)."""
@@ -284,9 +378,10 @@ class FeedbackWorker:
         if recovery is not None and not recovery.completed.is_set():
             return None
         now = self.clock()
-        result = self.joiner.expire(now)
+        with self.state.holding() as closed:
+            result = self.joiner.expire(now)
         self.sweeps += 1
-        await self.emit(result)
+        await self.emit(result, closed=closed)
         if now - self._last_stats >= _STATS_EVERY_S:
             self._last_stats = now
             log.info("feedback worker: %s", self.stats())
@@ -294,23 +389,72 @@ class FeedbackWorker:
 
     # -- output -------------------------------------------------------------------------
 
-    async def emit(self, result: JoinResult, *, raw: bytes | None = None) -> None:
+    async def emit(self, result: JoinResult, *, raw: bytes | None = None, closed: Sequence[str] = ()) -> None:
         """Produce a join result: the outcomes, then the rejects as dead letters.
 
         ``raw`` is the current message's bytes: a reject of the current message carries
-        them; a reject of an event stored earlier carries its re-encoding.
+        them; a reject of an event stored earlier carries its re-encoding. ``closed`` are
+        the keys the join closed and the state holds: they are released once everything
+        produced here is acknowledged (:meth:`_release_when_acked`).
         """
-        for outcome in result.outcomes:
-            await self.outcomes_topic.send(key=outcome.request_id.encode(), value=encode(outcome))
-            self.outcomes_sent += 1
-            self.metrics.outcomes.labels(completion=outcome.completion).inc()
-        current = current_event()
-        here = None if current is None else [current.message.topic, current.message.partition, current.message.offset]
-        for reject in result.rejects:
-            source = reject.source if isinstance(reject.source, list) and len(reject.source) == 3 else None
-            topic, partition, offset = source if source else (self._topic_of(reject.event), None, None)
-            body = raw if raw is not None and source is not None and source == here else encode(reject.event)
-            await self._dead_letter(reject.reason, reject.detail, body, topic, partition, offset)
+        sent: list[Awaitable[Any]] = []
+        try:
+            for outcome in result.outcomes:
+                sent.append(await self.outcomes_topic.send(key=outcome.request_id.encode(), value=encode(outcome)))
+                self.outcomes_sent += 1
+                self.metrics.outcomes.labels(completion=outcome.completion).inc()
+            current = current_event()
+            here = None if current is None else [current.message.topic, current.message.partition, current.message.offset]
+            for reject in result.rejects:
+                source = reject.source if isinstance(reject.source, list) and len(reject.source) == 3 else None
+                topic, partition, offset = source if source else (self._topic_of(reject.event), None, None)
+                body = raw if raw is not None and source is not None and source == here else encode(reject.event)
+                sent.append(await self._dead_letter(reject.reason, reject.detail, body, topic, partition, offset))
+        except BaseException:
+            for key in closed:  # nothing will release them
+                self.state.discard(key)
+            raise
+        if closed:
+            self._release_when_acked(list(closed), sent)
+
+    def _release_when_acked(self, closed: list[str], sent: list[Awaitable[Any]]) -> None:
+        """Release the held ``closed`` keys once all of ``sent`` is acknowledged; nothing awaits.
+
+        Until then the current event (if any) holds one more reference on its message, so
+        Faust acknowledges it, and commits its source offset, only after the release: the
+        commit (every second, in Faust's commit loop, which flushes the producer first) is
+        where a batch waits for its acks. A failed produce discards the keys instead; an
+        event's message then never gets acknowledged, so the worker crashes for a restart
+        that replays it (the sweep's keys just stay pending and close again next sweep).
+        Faust's ``stream_publish_on_commit`` must stay off: it would hold the outcomes back
+        until a commit that waits for them.
+        """
+        event = current_event()
+        message = None if event is None else event.message
+        if message is not None:
+            message.incref()
+        acked = sent[0] if len(sent) == 1 else asyncio.gather(*sent)
+        acked.add_done_callback(functools.partial(self._settle, closed, message))  # type: ignore[union-attr]
+
+    def _settle(self, closed: list[str], message: Any, acked: asyncio.Future[Any]) -> None:
+        failure: BaseException | None = asyncio.CancelledError() if acked.cancelled() else acked.exception()
+        if failure is None:
+            try:
+                for key in closed:
+                    self.state.release(key)
+            except Exception as exc:  # noqa: BLE001 - handled like a failed produce
+                failure = exc
+        if failure is None:
+            if message is not None and message.ack(self.app.consumer):
+                self.app.sensors.on_message_out(message.tp, message.offset, message)
+            return
+        for key in closed:
+            self.state.discard(key)
+        if getattr(self.app, "should_stop", False):
+            return  # stopping: the uncommitted events are replayed by the next worker
+        log.error("outcomes or dead letters for %d closed joins not acknowledged: %r", len(closed), failure)
+        if message is not None and self._crash is None:
+            self._crash = asyncio.ensure_future(self.app.crash(failure))
 
     def _topic_of(self, event: Event) -> str:
         for short in SOURCES:
@@ -326,7 +470,8 @@ class FeedbackWorker:
         topic: str,
         partition: int | None,
         offset: int | None,
-    ) -> None:
+    ) -> Awaitable[Any]:
+        """Produce a dead letter; returns the produce's future (its acknowledgement)."""
         letter = DeadLetter(
             source_topic=topic[:256],
             partition=partition,
@@ -344,11 +489,12 @@ class FeedbackWorker:
         key = None
         if partition is not None and offset is not None:
             key = f"{topic}/{partition}/{offset}".encode()
-        await self.deadletter_topic.send(key=key, value=encode(letter))
+        sent = await self.deadletter_topic.send(key=key, value=encode(letter))
         self.dead_letters_sent += 1
         self.metrics.deadletters.labels(reason=letter.reason, worker="feedback").inc()
         if letter.reason == "late_reward":
             self.metrics.late_rewards.inc()
+        return sent
 
     async def check_broker(self) -> None:
         """Raise BrokerResetError if a topic of the worker vanished or changed its partitions.
@@ -372,6 +518,7 @@ class FeedbackWorker:
             "outcomes_sent": self.outcomes_sent,
             "dead_letters_sent": self.dead_letters_sent,
             "sweeps": self.sweeps,
+            "held": self.state.held(),
             **self.joiner.counters.as_dict(),
         }
 
@@ -561,11 +708,13 @@ def create_app(
     def active_partitions() -> set[int]:
         return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == decisions_name}
 
-    joiner = RewardJoiner.from_settings(TableState(table, settings.topic("decisions"), active_partitions), settings, tombstone_ttl=tombstone_ttl)
+    state = TableState(table, settings.topic("decisions"), active_partitions)
+    joiner = RewardJoiner.from_settings(state, settings, tombstone_ttl=tombstone_ttl)
     worker = FeedbackWorker(
         app,
         settings,
         joiner,
+        state=state,
         worker_name=f"feedback@{worker_id}",
         outcomes_topic=outcomes_topic,
         deadletter_topic=deadletter_topic,

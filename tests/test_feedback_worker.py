@@ -59,10 +59,11 @@ def worker_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
+def start_worker(settings: Settings, log_path: Path, program: str | None = None) -> subprocess.Popen[bytes]:
+    """``python -m streams.app``, or ``python -c program``."""
     with open(log_path, "wb") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "streams.app"],
+            [sys.executable, *(["-c", program] if program else ["-m", "streams.app"])],
             cwd=REPO,
             env=worker_env(settings),
             stdin=subprocess.DEVNULL,
@@ -366,3 +367,132 @@ async def test_restarted_worker_recovers_the_join_state(settings: Settings, tmp_
     finally:
         code = stop_worker(proc)
     assert code == 0, second_log.read_text()[-3000:]
+
+
+#: ``python -c`` program: the feedback worker, except that its outcomes are never produced, so
+#: their acknowledgements never come (the window between an outcome and its tombstone, held open).
+UNACKNOWLEDGED_OUTCOMES = """
+import asyncio, os
+import faust.transport.drivers.aiokafka as driver
+from schemas.settings import Settings
+from streams.app import run_feedback_worker
+
+settings = Settings.load()
+outcomes, real_send = settings.topic("outcomes"), driver.Producer.send
+
+async def send(self, topic, *args, **kwargs):
+    if topic == outcomes:
+        return asyncio.get_running_loop().create_future()
+    return await real_send(self, topic, *args, **kwargs)
+
+driver.Producer.send = send
+run_feedback_worker(settings, worker_id=os.environ["ROUTELOOP_WORKER_ID"])
+"""
+
+
+def metric(port: int, name: str) -> float:
+    """A sample of the worker's /metrics (0 before the first)."""
+    import re
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+            text = response.read().decode()
+    except OSError:
+        return 0.0
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+async def test_no_tombstone_before_its_outcome_is_acknowledged_so_a_kill_9_loses_nothing(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A worker whose outcomes are never acknowledged writes no join tombstone to its changelog
+    (and commits no source offset past a closing event); killed -9 in that state, its successor
+    emits every outcome. Writing the tombstone at once, the successor would find it and drop
+    the replayed event as a duplicate: the outcome lost."""
+    from deploy.local import free_port_block
+
+    settings = settings.model_copy(
+        update={
+            "reward_wait_s": 60.0,  # no sweep closes anything here
+            "session_timeout_ms": 4_000,
+            "heartbeat_interval_ms": 500,
+            "data_dir": str(tmp_path / "data"),
+            "log_level": "WARNING",
+            "http_port": free_port_block(3),  # the feedback worker's /metrics at + 2
+        }
+    )
+    n = 100
+    rng = random.Random(11)
+    decisions = {f"k-{i}": make_decision(f"k-{i}", rng) for i in range(n)}
+    messages = []
+    for rid, d in decisions.items():
+        messages += [
+            ("decisions", encode(d)),
+            ("responses", encode(ModelResponse(request_id=rid, model=d.model, cost_usd=0.001))),
+            ("rewards", encode(RewardEvent(reward_id=f"w-{rid}", request_id=rid, quality=0.5))),
+        ]
+        messages[-3:] = rng.sample(messages[-3:], 3)  # any piece may be the one that closes
+    changelog = f"{settings.topic_prefix}feedback-join-changelog"
+
+    first_log, second_log = tmp_path / "held.log", tmp_path / "worker.log"
+    proc = start_worker(settings, first_log, UNACKNOWLEDGED_OUTCOMES)
+    try:
+        async with make_producer(settings) as producer:
+            for short, value in messages:
+                rid = decode(TOPIC_EVENT[short], value).request_id
+                await producer.send(settings.topic(short), value, key=rid.encode())
+            await producer.flush()
+        deadline = time.monotonic() + 60.0
+        joined = 'routeloop_outcomes_total{completion="joined"}'
+        while metric(settings.http_port + 2, joined) < n:  # every outcome sent, none acknowledged
+            assert proc.poll() is None, first_log.read_text()[-3000:]
+            assert time.monotonic() < deadline, first_log.read_text()[-3000:]
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.5)  # a commit interval: what would reach the changelog did
+        entries = await read_changelog(settings, changelog)
+        assert len(entries) == 2 * n  # the first two pieces of every request, pending
+        assert not [e for e in entries if e and "closed_at" in e]
+    finally:
+        proc.kill()  # kill -9 between the outcomes and their tombstones
+        proc.wait()
+
+    proc = start_worker(settings, second_log)
+    try:
+        async with TopicReader(settings, settings.topic("outcomes")) as reader:
+            records = await reader.read_until(n, time.monotonic() + 60.0, proc, second_log)
+        outcomes = [decode(Outcome, r.value) for r in records]
+        assert sorted(o.request_id for o in outcomes) == sorted(decisions)  # each once: none was acknowledged
+        assert {o.completion for o in outcomes} == {"joined"}
+        async with TopicReader(settings, settings.topic("deadletter")) as dl_reader:
+            while await dl_reader.fetch(timeout_ms=1_000):
+                pass
+        reasons = {decode(DeadLetter, r.value).reason for r in dl_reader.records}
+        assert reasons <= {"duplicate_decision", "duplicate_response", "duplicate_reward"}, reasons
+        # ... and now the tombstones follow their acknowledged outcomes.
+        deadline = time.monotonic() + 20.0
+        while len([e for e in await read_changelog(settings, changelog) if e and "closed_at" in e]) < n:
+            assert time.monotonic() < deadline, second_log.read_text()[-3000:]
+    finally:
+        code = stop_worker(proc)
+    assert code == 0, second_log.read_text()[-3000:]
+
+
+TOPIC_EVENT = {"decisions": RouteDecision, "responses": ModelResponse, "rewards": RewardEvent}
+
+
+async def read_changelog(settings: Settings, changelog: str) -> list[dict | None]:
+    """Every record of the join table's changelog, decoded (None for a deletion)."""
+    consumer = make_consumer(settings, group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(changelog, p) for p in range(settings.partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        values: list[dict | None] = []
+        while batch := await consumer.getmany(timeout_ms=1_000):
+            values += [None if r.value is None else orjson.loads(r.value) for rs in batch.values() for r in rs]
+        return values
+    finally:
+        await consumer.stop()
