@@ -496,3 +496,19 @@ async def read_changelog(settings: Settings, changelog: str) -> list[dict | None
         return values
     finally:
         await consumer.stop()
+
+
+async def test_the_worker_consumer_waits_at_most_fetch_max_wait_ms(tmp_path: Path) -> None:
+    """Faust's literal 1.5 s fetch wait, replaced for this app only (streams.app.install_fetch_max_wait)."""
+    import faust
+
+    from streams.app import FETCH_MAX_WAIT_MS, create_app
+
+    ours = create_app(Settings(data_dir=str(tmp_path)), worker_id="fetch-wait")
+    other = faust.App("not-routeloop", broker="kafka://127.0.0.1:1")
+    waits = []
+    for app in (ours, other):
+        consumer = app.consumer._thread._create_worker_consumer(app.transport)
+        waits.append(consumer._fetch_max_wait_ms)
+        await consumer.stop()
+    assert waits == [FETCH_MAX_WAIT_MS, 1500]
