@@ -108,16 +108,83 @@ def test_fast_learn_keeps_the_exact_sums():
     assert np.array_equal(policy.b_quality[2], b[2] + 0.25 * z)
 
 
-def test_prepared_decisions_match_the_float64_ones():
-    """After prepare() the widths come from a float32 copy of A^-1: the same decisions."""
-    policy, X, _ = trained_pair("decomposed-ts", "default")
-    exact = DecomposedPolicy.from_state(policy.arms, policy.dim, policy.params(), policy.arrays(),
-                                        policy.n_updates)
+@pytest.mark.parametrize("name", ["decomposed-ts", "decomposed-ucb", "pooled-ts", "pooled-ucb"])
+@pytest.mark.parametrize("sketch_dim", ["default", None])
+def test_prepared_decisions_match_the_float64_ones(name, sketch_dim):
+    """After prepare() S x, the widths and the means are float32 products: the same decisions."""
+    policy, X, rng = trained_pair(name, sketch_dim)
+    exact = type(policy).from_state(policy.arms, policy.dim, policy.params(), policy.arrays(), policy.n_updates)
     policy.prepare()
     mine, theirs = np.random.default_rng(11), np.random.default_rng(11)
-    same = sum(np.array_equal(policy.decide(x, 0.7, rng=mine).distribution,
-                              reference_decide(exact, x, 0.7, None, theirs).distribution) for x in X)
+    same = 0
+    for i, x in enumerate(X):
+        allowed = None if i % 3 else rng.random(5) < 0.6
+        if allowed is not None and not allowed.any():
+            allowed[1] = True
+        w = float(rng.random())
+        got, expected = policy.decide(x, w, allowed, rng=mine), reference_decide(exact, x, w, allowed, theirs)
+        same += got.arm == expected.arm and np.array_equal(got.distribution, expected.distribution)
+        # Whatever the rounding, the distribution is a greedy share plus the exact floor.
+        offered = np.ones(5, dtype=bool) if allowed is None else allowed
+        assert np.all(got.distribution[offered] >= policy.epsilon / offered.sum())
+        assert np.all(got.distribution[~offered] == 0) and got.distribution[got.arm] > 0
+        assert abs(got.distribution.sum() - 1.0) < 1e-12
     assert same >= len(X) - 2  # a draw flips only when two scores tie to 1e-7
+
+
+def scaled(policy: DecomposedPolicy, weight: float) -> DecomposedPolicy:
+    """``policy``'s state as if every outcome had been seen ``weight`` times."""
+    arrays = policy.arrays()
+    prior = policy.prior * np.eye(policy.n_features)
+    if hasattr(policy, "intercept_prior"):
+        prior[-1, -1] = policy.intercept_prior
+    prior = prior[np.triu_indices(policy.n_features)]
+    arrays = {**arrays, "A_upper": prior + weight * (arrays["A_upper"] - prior),
+              "b_quality": weight * arrays["b_quality"], "b_cost": weight * arrays["b_cost"]}
+    return type(policy).from_state(policy.arms, policy.dim, policy.params(), arrays, policy.n_updates)
+
+
+@pytest.mark.parametrize("name", ["decomposed-ucb", "pooled-ucb"])
+@pytest.mark.parametrize("weight", [1, 10_000])
+def test_prepared_products_stay_within_the_documented_bound(name, weight):
+    """The bounds _Hot's docstring gives: z to 1e-6, the means to 1e-6 of |theta| |z|, the
+    variances z^T A_k^-1 z to 1e-5 relative (up to ~600 thousand outcomes an arm here)."""
+    rng = np.random.default_rng(5)
+    policy = make_policy(name, arms=[f"m{k}" for k in range(11)], dim=384, tau=0.01, seed=0)
+    X = rng.standard_normal((700, 384)).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    for i, x in enumerate(X[:600]):
+        policy.learn(i % 11, x, float(rng.random()), float(rng.random()) * 0.02)
+    policy = scaled(policy, weight)
+    theta_q, theta_c, A_inv = policy.estimates()
+    K, D = A_inv.shape[0], A_inv.shape[1]
+    theta = np.concatenate([theta_q, theta_c])
+    policy.prepare()
+    for x in X[600:]:
+        policy.decide(x, 0.8)
+        scratch = policy._scratch()
+        z = policy.features(x)
+        assert np.abs(scratch.z32.astype(np.float64) - z).max() < 1e-6
+        assert np.all(np.abs(scratch.means32 - theta @ z) < 1e-6 * (np.abs(theta) @ np.abs(z)))
+        w2 = (A_inv.reshape(K * D, D) @ z).reshape(K, D) @ z
+        assert np.all(np.abs(scratch.w2_32 - w2) < 1e-5 * w2)
+
+
+@pytest.mark.parametrize("name", ["decomposed-ts", "pooled-ucb"])
+def test_prepared_decisions_take_any_feature_dtype(name):
+    """float64, float16 or list features decide as their float32 values do."""
+    policy, X, _ = trained_pair(name, "default")
+    policy.prepare()
+    for x in X[300:340]:
+        x16 = x.astype(np.float16)
+        for given, as32 in ((x.astype(np.float64), x), (x16, x16.astype(np.float32)), (x.tolist(), x)):
+            a = policy.decide(given, 0.6, rng=np.random.default_rng(1))
+            b = policy.decide(as32, 0.6, rng=np.random.default_rng(1))
+            assert a.arm == b.arm and np.array_equal(a.distribution, b.distribution)
+    with pytest.raises(ValueError, match="dimension"):
+        policy.decide(X[0][:10], 0.6)
+    with pytest.raises(ValueError, match="no arm is offered"):
+        policy.decide(X[0], 0.6, np.zeros(5, dtype=bool))
 
 
 def test_freshness_pairs_each_reward_with_the_first_applied_snapshot_that_includes_it():
