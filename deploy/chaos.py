@@ -41,12 +41,10 @@ from typing import Any
 
 import aiohttp
 import numpy as np
-from aiokafka import TopicPartition
 
-from deploy.kafka import make_consumer
 from deploy.local import LocalLoop
 from deploy.replay import Replay, ReplayOptions
-from deploy.topics import expected_partitions
+from deploy.topics import IDLE_MS, iter_topic
 from router.datasets import RoutingDataset, load_dataset
 from router.snapshot import SnapshotError, decode_snapshot, encode_snapshot, verification_keys
 from schemas import DeadLetter, DecodeError, Outcome, decode
@@ -55,30 +53,14 @@ from streams.learner import Learner
 
 log = logging.getLogger(__name__)
 
-#: A fetch that comes back empty after this long ends a topic read (end offsets are unreliable).
-IDLE_MS = 1_500
 #: A dead letter carries the raw bytes of what it refuses, which may be over the event limit.
 DEADLETTER_MAX_BYTES = 96 * 1024 * 1024
 
 
-# -- reading topics --------------------------------------------------------------------------------
-
 async def read_topic(settings: Settings, short: str, idle_ms: int = IDLE_MS) -> list[Any]:
-    """Every record of a topic, partition by partition in offset order, until a fetch is empty."""
-    topic = settings.topic(short)
-    parts = [TopicPartition(topic, p) for p in range(expected_partitions(settings)[topic])]
-    consumer = make_consumer(settings, group_id=None, enable_auto_commit=False)
-    await consumer.start()
-    by_part: dict[TopicPartition, list] = {tp: [] for tp in parts}
-    try:
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
-        while batch := await consumer.getmany(timeout_ms=idle_ms, max_records=5_000):
-            for tp, records in batch.items():
-                by_part[tp].extend(records)
-    finally:
-        await consumer.stop()
-    return [record for tp in parts for record in by_part[tp]]
+    """Every record of a topic, partition by partition in offset order (see iter_topic)."""
+    records = [record async for record in iter_topic(settings, short, idle_ms)]
+    return sorted(records, key=lambda record: record.partition)  # stable: offsets stay in order
 
 
 # -- the learner's audit ---------------------------------------------------------------------------

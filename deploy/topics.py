@@ -7,6 +7,7 @@ one partition (one learner owns one model), snapshots one compacted partition, d
 one partition::
 
     partitions = await ensure_topics(settings)   # {"routeloop.requests": 4, ...}
+    async for record in iter_topic(settings, "outcomes"): ...   # everything on it, then stop
 
 Create the topics before any worker starts: a metadata request for an unknown topic makes
 the embedded broker (and a real cluster with ``auto.create.topics.enable``) create it with
@@ -15,17 +16,20 @@ its default partition count, which breaks the co-partitioning.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import for_code
 
-from deploy.kafka import MAX_MESSAGE_BYTES, client_kwargs
+from deploy.kafka import MAX_MESSAGE_BYTES, client_kwargs, make_consumer
 from schemas.settings import Settings
 
 _DAY_MS = 24 * 60 * 60 * 1000
+#: A fetch that comes back empty after this long ends a topic read.
+IDLE_MS = 1_500
 _TOPIC_ALREADY_EXISTS = 36
 _UNKNOWN_TOPIC = 3
 
@@ -172,3 +176,24 @@ async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str]) -> dic
             raise for_code(topic["error_code"])(f"describing topic {topic['topic']}")
         counts[topic["topic"]] = len(topic["partitions"])
     return counts
+
+
+async def iter_topic(settings: Settings, short: str, idle_ms: int = IDLE_MS) -> AsyncIterator[ConsumerRecord]:
+    """Every record of a topic from its beginning, each partition in offset order, then stop.
+
+    The end is the first fetch that comes back empty after ``idle_ms``: the embedded broker's
+    end offsets are unreliable, so "read until the end offset" may stop early or never.
+    """
+    topic = settings.topic(short)
+    parts = [TopicPartition(topic, p) for p in range(expected_partitions(settings)[topic])]
+    consumer = make_consumer(settings, group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        while batch := await consumer.getmany(timeout_ms=idle_ms, max_records=5_000):
+            for records in batch.values():
+                for record in records:
+                    yield record
+    finally:
+        await consumer.stop()

@@ -23,9 +23,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-from aiokafka import TopicPartition
 
-from deploy.kafka import make_consumer, make_producer
+from deploy.kafka import make_producer
+from deploy.topics import iter_topic
 from router.policy import RoutingPolicy
 from schemas import DecodeError, ModelSpec, decode, encode
 from schemas.settings import Settings
@@ -105,19 +105,9 @@ async def read_registry(settings: Settings) -> tuple[ModelRegistry, list[tuple[i
     """The registry as the models topic has it now, and the (offset, error) of records refused."""
     registry = ModelRegistry(settings.models)
     refused: list[tuple[int, DecodeError]] = []
-    consumer = make_consumer(settings, group_id=None, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        part = TopicPartition(settings.topic("models"), 0)
-        consumer.assign([part])
-        await consumer.seek_to_beginning(part)
-        # End offsets are unreliable on the embedded broker: read until a fetch is empty.
-        while batch := await consumer.getmany(part, timeout_ms=1000):
-            for record in batch[part]:
-                try:
-                    registry.apply(decode(ModelSpec, record.value))
-                except DecodeError as exc:
-                    refused.append((record.offset, exc))
-    finally:
-        await consumer.stop()
+    async for record in iter_topic(settings, "models", idle_ms=1000):
+        try:
+            registry.apply(decode(ModelSpec, record.value))
+        except DecodeError as exc:
+            refused.append((record.offset, exc))
     return registry, refused

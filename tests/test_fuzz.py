@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 
 from deploy.chaos import _TOO_LARGE, run_fuzz
-from deploy.kafka import make_consumer, make_producer
+from deploy.kafka import make_producer
 from deploy.local import LocalLoop, free_port_block
+from deploy.topics import iter_topic
 from router.policy import make_policy
 from router.snapshot import decode_snapshot, encode_snapshot
 from router.worker import RoutingWorker
@@ -116,15 +117,7 @@ async def test_a_keyed_router_refuses_forged_snapshots_and_keeps_its_last_good_m
                                  "refusals": {"unsigned": 1, "bad_signature": 3, "bad_checksum": 1}}
     assert (info["snapshot_version"], info["cold_start"], info["n_updates"]) == (5, False, 30)
     assert (warm["snapshot_version"], warm["cold_start"]) == (5, False)  # the last good model
-    consumer = make_consumer(live, live.topic("decisions"), group_id=None, auto_offset_reset="earliest",
-                             enable_auto_commit=False)
-    await consumer.start()
-    try:
-        found = {}
-        while batch := await consumer.getmany(timeout_ms=1500):
-            found.update((r.key, decode(RouteDecision, r.value)) for rs in batch.values() for r in rs)
-    finally:
-        await consumer.stop()
+    found = {r.key: decode(RouteDecision, r.value) async for r in iter_topic(live, "decisions")}
     assert found[b"cold-kafka"].cold_start and found[b"cold-kafka"].snapshot_version == 0
 
 
@@ -168,16 +161,7 @@ def clean_model(live, events):
 
 
 async def read_all(live, short):
-    consumer = make_consumer(live, live.topic(short), group_id=None, auto_offset_reset="earliest",
-                             enable_auto_commit=False)
-    await consumer.start()
-    records = []
-    try:
-        while batch := await consumer.getmany(timeout_ms=1500):
-            records.extend(r for rs in batch.values() for r in rs)
-    finally:
-        await consumer.stop()
-    return records
+    return [r async for r in iter_topic(live, short)]
 
 
 async def test_every_event_twice_and_shuffled_through_the_workers_gives_the_clean_model(settings, tmp_path):

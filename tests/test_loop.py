@@ -16,8 +16,9 @@ from click.testing import CliRunner
 
 from deploy.cli import main
 from deploy.export import export_topic
-from deploy.kafka import make_consumer, make_producer
+from deploy.kafka import make_producer
 from deploy.local import LocalLoop
+from deploy.topics import iter_topic
 from deploy.replay import DEADLETTER_MAX_BYTES, Replay, ReplayOptions
 from router.datasets import load_dataset
 from schemas import DeadLetter, decode
@@ -53,18 +54,8 @@ def small_routerbench(data_dir):
 
 
 async def read_dead_letters(settings) -> list[DeadLetter]:
-    consumer = make_consumer(settings, settings.topic("deadletter"), group_id=None,
-                             auto_offset_reset="earliest", enable_auto_commit=False)
-    await consumer.start()
-    letters = []
-    try:
-        # The broker's end offsets are unreliable: read until a fetch comes back empty.
-        while batch := await consumer.getmany(timeout_ms=2000):
-            for records in batch.values():
-                letters.extend(decode(DeadLetter, r.value, max_bytes=DEADLETTER_MAX_BYTES) for r in records)
-    finally:
-        await consumer.stop()
-    return letters
+    return [decode(DeadLetter, r.value, max_bytes=DEADLETTER_MAX_BYTES)
+            async for r in iter_topic(settings, "deadletter", idle_ms=2000)]
 
 
 async def test_replay_through_every_worker(settings, data_dir, tmp_path):

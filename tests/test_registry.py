@@ -18,8 +18,9 @@ import pytest
 from click.testing import CliRunner
 
 from deploy.cli import main
-from deploy.kafka import make_consumer, make_producer
+from deploy.kafka import make_producer
 from deploy.local import free_port_block
+from deploy.topics import iter_topic
 from router.featurise import featuriser_from_url
 from router.policy import make_policy
 from router.registry import ModelRegistry
@@ -280,13 +281,6 @@ async def test_learner_follows_the_registry_and_dead_letters_bad_records(setting
     policy = worker.learner.policy
     assert policy.arms == [*MODELS, "xl"] and policy.n_updates == 2
     assert policy.prices[policy.arms.index("xl")] == 2.0
-    letters = []
-    consumer = make_consumer(live, live.topic("deadletter"), group_id=None, auto_offset_reset="earliest")
-    await consumer.start()
-    try:
-        while batch := await consumer.getmany(timeout_ms=1500):
-            letters += [decode(DeadLetter, r.value) for records in batch.values() for r in records]
-    finally:
-        await consumer.stop()
+    letters = [decode(DeadLetter, r.value) async for r in iter_topic(live, "deadletter")]
     assert sorted((d.source_topic, d.reason) for d in letters) == [
         (live.topic("models"), "invalid_json"), (live.topic("outcomes"), "unknown_model")]

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from deploy.kafka import make_consumer, make_producer
+from deploy.kafka import make_producer
 from deploy.local import free_port_block
+from deploy.topics import iter_topic
 from router.http import create_app, openapi_document
 from router.policy import make_policy
 from router.snapshot import encode_snapshot
@@ -66,18 +67,8 @@ async def http(live, worker):
 
 
 async def read_topic(settings, short: str) -> dict[bytes, bytes]:
-    """Key -> value of every record of a topic, read until a fetch comes back empty."""
-    consumer = make_consumer(settings, settings.topic(short), group_id=None,
-                             auto_offset_reset="earliest", enable_auto_commit=False)
-    await consumer.start()
-    found = {}
-    try:
-        while batch := await consumer.getmany(timeout_ms=1500):
-            for records in batch.values():
-                found.update((r.key, r.value) for r in records)
-    finally:
-        await consumer.stop()
-    return found
+    """Key -> value of every record of a topic."""
+    return {r.key: r.value async for r in iter_topic(settings, short)}
 
 
 async def test_route_answers_and_produces_the_decision(live, http):
