@@ -3,6 +3,7 @@ shared), and the fast decision path is the policy's formula, bit for bit.
 """
 
 import asyncio
+import gc
 import math
 
 import numpy as np
@@ -31,6 +32,11 @@ def test_speed_bench_reports_every_figure(tmp_path):
                              progress=False)
     assert SPEED_KEYS <= report.keys() and path.exists()
     assert positive(report["decision_p50_us"]) and report["decision_p99_us"] >= report["decision_p50_us"]
+    ours, machine = report["ours"], report["machine"]
+    assert positive(ours["decision_cold_p50_us"]) and ours["decision_cold_p99_us"] >= ours["decision_cold_p50_us"]
+    assert positive(machine["reference_p50_us"]) and machine["reference_p99_us"] >= machine["reference_p50_us"]
+    assert positive(machine["timer_overhead_us"]) and 0 <= machine["time_lost_share"] < 1
+    assert machine["pauses_over_20us_per_s"] >= 0
     assert positive(report["learner_updates_per_s"])
     assert "river-linucb" in report["peers"]  # River is a dependency; the others are optional
     for name, peer in report["peers"].items():
@@ -97,6 +103,25 @@ def test_fast_decide_is_the_formula_bit_for_bit(name, sketch_dim):
         assert got.arm == expected.arm and np.array_equal(got.distribution, expected.distribution)
         if i % 5 == 0:  # decisions between learns use the state of the moment
             policy.learn(got.arm, x, 0.5, 0.001)
+
+
+@pytest.mark.parametrize("name", ["decomposed-ts", "pooled-ucb"])
+def test_decisions_leave_nothing_for_the_garbage_collector(name):
+    """The benchmark times decisions with the collector off: that hides no pause a decision causes."""
+    policy, X, _ = trained_pair(name, "default")
+    policy.prepare()
+    allowed = np.ones(5, dtype=bool)
+    policy.decide(X[0], 0.7, allowed)
+    gc.disable()
+    try:
+        before = gc.get_count()[0]  # tracked objects allocated less those freed, by any thread
+        for i in range(2000):
+            policy.decide(X[i % len(X)], 0.7, allowed)
+        # Every object a decision makes is freed with it (0 in a bare interpreter; the margin is
+        # for other threads): one left per decision would count 2000.
+        assert gc.get_count()[0] - before < 400
+    finally:
+        gc.enable()
 
 
 def test_fast_learn_keeps_the_exact_sums():

@@ -8,6 +8,10 @@ peer's share the machine's state:
   the routing worker runs it (a snapshot decoded, ``prepare()``-d, an all-True candidate
   mask) and for the peers of :mod:`router.bench.peers` (River's LinUCBDisjoint, and
   ParetoBandit and Vowpal Wabbit when importable), each through its ``choose``;
+- beside ours, what the machine does to a call as long: a pure-Python busy loop of our
+  median decision's length, timed in alternating blocks of 200 with our decisions, and how
+  often a busy loop is paused for more than 20 us (``machine``); and our decisions with cold
+  caches (an 8 MB read before each), what one costs when other work ran in between;
 - learner updates per second (ours: ``policy.learn``, what the learner runs per outcome;
   peers: their ``learn``);
 - prompt encoding per featuriser: one prompt per call, and a batch of 32 (time per prompt);
@@ -22,6 +26,12 @@ whitening), so the figures compare the algorithms' implementations, not their in
 
 The machine is shared and small (2 cores): figures are medians and percentiles of many
 calls, and each peer's figure is reported next to ours from the same run, with the ratio.
+Each call is timed on its own with ``time.perf_counter_ns`` (about 0.1 us of overhead, in
+``machine``), with the garbage collector off (a decision leaves nothing for it to collect,
+tests/test_bench_speed.py checks; a routing worker's own collections are its own matter).
+A p99 here is mostly the machine's: the pauses of other processes, and after each one the
+refill of the 1 MB a decision reads (see ``decision_cold_*``); read it against the busy
+loop's p99 of the same run.
 """
 
 from __future__ import annotations
@@ -94,6 +104,92 @@ def time_calls(call: Callable[[int], object], n: int, budget_s: float | None = N
         gc.enable()
 
 
+def _spin(n: int) -> int:
+    """Pure-Python busy work of a fixed length: no allocation, no memory traffic."""
+    total = 0
+    for k in range(n):
+        total += k
+    return total
+
+
+def spin_length(target_ns: float) -> int:
+    """The ``_spin`` argument whose median time is about ``target_ns``, here and now."""
+    probe = 1000
+    per_step = float(np.median(time_calls(lambda i: _spin(probe), 300))) / probe
+    return max(1, round(target_ns / per_step))
+
+
+def time_alternating(call: Callable[[int], object], reference: Callable[[int], object], n: int,
+                     block: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` timed calls of ``call`` and ``n`` of ``reference``, in alternating blocks of ``block``.
+
+    Both see the same machine, block by block: on a shared machine the pauses of other
+    processes (and the cache refills after them) land on both alike.
+    """
+    gc.collect()
+    gc.disable()
+    try:
+        samples = np.empty(n, dtype=np.int64)
+        ref = np.empty(n, dtype=np.int64)
+        clock = time.perf_counter_ns
+        for start in range(0, n, block):
+            stop = min(start + block, n)
+            for i in range(start, stop):
+                started = clock()
+                call(i)
+                samples[i] = clock() - started
+            for i in range(start, stop):
+                started = clock()
+                reference(i)
+                ref[i] = clock() - started
+        return samples, ref
+    finally:
+        gc.enable()
+
+
+def time_cold(call: Callable[[int], object], n: int, sweep_bytes: int = 8 << 20) -> np.ndarray:
+    """Wall time of ``n`` calls, each after an untimed read of ``sweep_bytes`` (caches evicted)."""
+    sweep = np.ones(sweep_bytes // 8)
+    gc.collect()
+    gc.disable()
+    try:
+        samples = np.empty(n, dtype=np.int64)
+        clock = time.perf_counter_ns
+        for i in range(n):
+            sweep.sum()
+            started = clock()
+            call(i)
+            samples[i] = clock() - started
+        return samples
+    finally:
+        gc.enable()
+
+
+def machine_pauses(seconds: float = 0.5, threshold_us: float = 20.0) -> dict:
+    """How often a busy loop is paused for longer than ``threshold_us``, and for what share of the time.
+
+    Nothing in the loop can take that long: every such gap is the machine's (other processes,
+    the hypervisor, interrupts), not the code's.
+    """
+    gc.disable()
+    try:
+        clock = time.perf_counter_ns
+        threshold = int(threshold_us * 1e3)
+        start = last = clock()
+        end = start + int(seconds * 1e9)
+        count = lost = 0
+        while last < end:
+            now = clock()
+            if now - last > threshold:
+                count += 1
+                lost += now - last
+            last = now
+        elapsed = (last - start) / 1e9
+        return {f"pauses_over_{threshold_us:g}us_per_s": count / elapsed, "time_lost_share": lost / 1e9 / elapsed}
+    finally:
+        gc.enable()
+
+
 def bench_prompts(n: int, dataset: str | Path | None = None) -> tuple[list[str], str]:
     """``n`` prompts (RouterBench's if the data set is there, else synthetic), each made distinct.
 
@@ -144,18 +240,36 @@ def _peer_learners(arms: list[str], X: np.ndarray, seed: int) -> tuple[dict[str,
 
 def measure_policy(policy: DecomposedPolicy, X: np.ndarray, quality: np.ndarray, cost: np.ndarray,
                    decisions: int, updates: int) -> dict:
+    """Decision and learning figures of ours.
+
+    The decisions are timed in alternating blocks with a reference (a pure-Python busy loop
+    of the decisions' median length): the reference's p99 is what this machine, at this
+    moment, does to any call that long, so the decisions' p99 can be read against it. Then
+    the decisions with cold caches (an 8 MB read before each: what a decision costs when
+    other work has run in between), and the learner's updates.
+    """
     K = len(policy.arms)
     allowed = np.ones(K, dtype=bool)  # what Router.check gives a request without candidates
     rng = np.random.default_rng(1)
     n = len(X)
-    time_calls(lambda i: policy.decide(X[i % n], W_QUALITY, allowed, rng=rng), min(decisions, 2000))  # warm
-    p50, p99 = percentiles_us(time_calls(lambda i: policy.decide(X[i % n], W_QUALITY, allowed, rng=rng),
-                                         decisions))
+
+    def decide(i: int) -> object:
+        return policy.decide(X[i % n], W_QUALITY, allowed, rng=rng)
+
+    time_calls(decide, min(decisions, 2000))  # warm
+    steps = spin_length(float(np.median(time_calls(decide, min(decisions, 500)))))
+    decided, reference = time_alternating(decide, lambda i: _spin(steps), decisions)
+    p50, p99 = percentiles_us(decided)
+    ref_p50, ref_p99 = percentiles_us(reference)
+    cold_p50, cold_p99 = percentiles_us(time_cold(decide, min(decisions, 2000)))
     learner = make_policy(policy.name, arms=list(policy.arms), dim=X.shape[1], tau=TAU)
     learn = learner.learn
     samples = time_calls(lambda i: learn(i % K, X[i % n], float(quality[i % n]), float(cost[i % n])), updates)
     return {
         "decision_p50_us": p50, "decision_p99_us": p99,
+        "decision_p999_us": float(np.percentile(decided, 99.9)) / 1e3,
+        "reference_p50_us": ref_p50, "reference_p99_us": ref_p99,
+        "decision_cold_p50_us": cold_p50, "decision_cold_p99_us": cold_p99,
         "learner_updates_per_s": len(samples) / (samples.sum() / 1e9),
         "learner_update_p50_us": percentiles_us(samples)[0],
         "decisions_timed": decisions, "updates_timed": int(len(samples)),
@@ -273,7 +387,15 @@ def run_speed_bench(report: str | Path | None = None, *, arms: int = ARMS, dim: 
     _log(progress, f"our policy {policy}: K={arms}, d={dim}, trained on {warm} outcomes")
     ours_policy = our_policy(policy, X, quality, cost, names, warm)
     ours = measure_policy(ours_policy, X, quality, cost, decisions, updates)
-    _log(progress, f"ours: decision p50 {ours['decision_p50_us']:.1f} us, p99 {ours['decision_p99_us']:.1f} us, "
+    machine = {
+        "timer_overhead_us": percentiles_us(time_calls(lambda i: None, 2000))[0],
+        **machine_pauses(),
+        "reference_p50_us": ours["reference_p50_us"], "reference_p99_us": ours["reference_p99_us"],
+        "note": "reference: a busy loop of our decisions' median length, timed in alternating blocks with "
+                "them; its p99 is what the machine adds to any call that long",
+    }
+    _log(progress, f"ours: decision p50 {ours['decision_p50_us']:.1f} us, p99 {ours['decision_p99_us']:.1f} us "
+                   f"(a busy loop as long: p99 {ours['reference_p99_us']:.1f} us), "
                    f"{ours['learner_updates_per_s']:.0f} updates/s")
     variant_results = {}
     for name in variants:
@@ -308,6 +430,7 @@ def run_speed_bench(report: str | Path | None = None, *, arms: int = ARMS, dim: 
         "decision_p99_us": ours["decision_p99_us"],
         "learner_updates_per_s": ours["learner_updates_per_s"],
         "peers": peer_results,
+        "machine": machine,
         **snapshot,
         "encode_ms": encode_ms,
         "ours": ours,
@@ -334,6 +457,14 @@ def format_speed_report(report: dict) -> str:
     lines = [f"{'router':<16}{'decision p50 us':>16}{'p99 us':>10}{'updates/s':>12}{'p99 vs ours':>13}"]
     lines.append(f"{report['setup']['policy']:<16}{report['decision_p50_us']:>16.1f}{report['decision_p99_us']:>10.1f}"
                  f"{report['learner_updates_per_s']:>12.0f}{'1.0x':>13}")
+    ours, machine = report.get("ours", {}), report.get("machine")
+    if machine is not None and "decision_cold_p50_us" in ours:
+        lines.append(f"  same machine, same blocks: a busy loop as long as our median decision, p50 "
+                     f"{machine['reference_p50_us']:.1f} us, p99 {machine['reference_p99_us']:.1f} us; "
+                     f"{machine['pauses_over_20us_per_s']:.0f} pauses > 20 us a second "
+                     f"({100 * machine['time_lost_share']:.1f}% of the time)")
+        lines.append(f"  with cold caches (8 MB read before each decision): p50 {ours['decision_cold_p50_us']:.1f} us, "
+                     f"p99 {ours['decision_cold_p99_us']:.1f} us")
     for name, variant in report.get("ours_variants", {}).items():
         lines.append(f"{name:<16}{variant['decision_p50_us']:>16.1f}{variant['decision_p99_us']:>10.1f}"
                      f"{variant['learner_updates_per_s']:>12.0f}"
