@@ -139,11 +139,11 @@ class _Hot:
         self.a_flat = None
         # Every arm's A^-1 and both thetas stacked, (K*D + 2K, D), split into the columns that
         # multiply S x (D - 1 of them: 64-byte rows at D = 129) and the intercept's column.
-        stacked = np.concatenate([A_inv.reshape(K * D, D), self.theta])
         self.w32 = _aligned((K * D + 2 * K, D - 1))
-        np.copyto(self.w32, stacked[:, :-1], casting="same_kind")
         self.col32 = _aligned((K * D + 2 * K,))
-        np.copyto(self.col32, stacked[:, -1], casting="same_kind")
+        for rows, block in ((slice(0, K * D), A_inv.reshape(K * D, D)), (slice(K * D, None), self.theta)):
+            np.copyto(self.w32[rows], block[:, :-1], casting="same_kind")
+            np.copyto(self.col32[rows], block[:, -1], casting="same_kind")
         if sketch is None:
             self.sketch32 = None
         else:
