@@ -71,7 +71,7 @@ async def test_ensure_topics_creates_the_layout_and_is_idempotent(settings: Sett
     p = fresh.topic_prefix
     assert created == {
         f"{p}requests": 3, f"{p}decisions": 3, f"{p}responses": 3, f"{p}rewards": 3,
-        f"{p}outcomes": 1, f"{p}snapshots": 1, f"{p}deadletter": 1,
+        f"{p}outcomes": 1, f"{p}snapshots": 1, f"{p}models": 1, f"{p}deadletter": 1,
     }  # fmt: skip
     assert again == created == expected_partitions(fresh)
 
