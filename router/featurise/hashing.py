@@ -83,6 +83,9 @@ class HashingFeaturiser(Featuriser):
     instead of piling up), then L2-normalised. A prompt without a single word
     character maps to the zero vector."""
 
+    #: Cheap enough to run on an event loop (the routing worker then routes there).
+    cheap = True
+
     def __init__(self, dim: int = 384) -> None:
         if dim < 1:
             raise ValueError(f"dim must be positive, not {dim}")
