@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import orjson
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
@@ -38,7 +39,9 @@ from router.metrics import RouterMetrics, metrics_port
 from router.policy import RoutingPolicy, make_policy
 from router.registry import ModelRegistry
 from router.snapshot import SnapshotError, decode_snapshot, verification_keys
-from schemas import DeadLetter, DecodeError, Event, ModelSpec, RouteDecision, RouteRequest, decode, encode
+from schemas import (DeadLetter, DecodeError, Event, ModelSpec, Preference, RouteDecision, RouteRequest,
+                     decode, encode)
+from schemas.events import MAX_ARMS, MAX_DIM, MAX_NAME, _encode_vector
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -147,6 +150,7 @@ class Router:
         self.metrics.snapshot_age.set_function(lambda: math.nan if self.snapshot_age_s is None
                                                else self.snapshot_age_s)
         self._decision_counters: dict[str, object] = {}  # model -> its labelled counter
+        self._checked_model: RoutingModel | None = None  # the last model _check_model passed
 
     @property
     def policy(self) -> RoutingPolicy:
@@ -224,6 +228,23 @@ class Router:
                 X[i] = r.embedding
         return X
 
+    def _check_model(self, model: RoutingModel) -> None:
+        """Refuse to route with a model whose decisions RouteDecision would not validate
+        (names, prices, version, dimension); checked once per model swapped in."""
+        if model is self._checked_model:
+            return
+        policy = model.policy
+        names = [*policy.arms, policy.name, self.featuriser.name]
+        bad = [name for name in names if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME]
+        if bad or len(policy.arms) > MAX_ARMS:
+            raise ValueError(f"names no decision may carry: {bad[:3]} ({len(policy.arms)} arms)")
+        if any(price is not None and not (isinstance(price, (int, float)) and not isinstance(price, bool)
+                                          and math.isfinite(price) and price > 0) for price in model.prices):
+            raise ValueError(f"prices no decision may carry: {model.prices}")
+        if not (isinstance(model.version, int) and model.version >= 0 and 0 < self.featuriser.dim <= MAX_DIM):
+            raise ValueError(f"snapshot version {model.version}, dimension {self.featuriser.dim}")
+        self._checked_model = model
+
     def check(self, request: RouteRequest, model: RoutingModel | None = None) -> np.ndarray:
         """The arms of ``model`` (default: the current one) this request may use.
 
@@ -252,7 +273,15 @@ class Router:
             return []
         model = self.model  # one model for the whole batch
         policy = model.policy
+        self._check_model(model)
         X = self._features(requests)
+        if not np.isfinite(X).all():
+            raise ValueError(f"{self.featuriser.name} gave a vector with NaN or infinity")
+        # Decisions are built without pydantic's validation (model_construct, a third of the
+        # cost of validating each one): every field is already valid, being either a validated
+        # request's, or checked here (vectors), per decision (distribution) or per model.
+        construct = RouteDecision.model_construct
+        featuriser = self.featuriser.name
         decisions = []
         chosen = np.empty(len(requests), dtype=np.intp)
         groups: dict[tuple[float, bytes], tuple[np.ndarray, list[int]]] = {}
@@ -265,18 +294,27 @@ class Router:
             arm = policy.arms[choice.arm]
             chosen[i] = choice.arm
             groups.setdefault((preference.quality, allowed.tobytes()), (allowed, []))[1].append(i)
-            decisions.append(RouteDecision(
+            probabilities = choice.distribution.tolist()
+            propensity = probabilities[choice.arm]
+            distribution = {a: p for a, p in zip(policy.arms, probabilities) if p > 0}
+            # What RouteDecision's validation would refuse of the policy's output (the rest
+            # is checked once per model and batch above), and NaN or negative probabilities
+            # of the arms not drawn, which the distribution leaves out: then nothing gets through.
+            if not 0.0 < propensity <= 1.0 or not all(0.0 <= p <= 1.0 for p in probabilities):
+                raise ValueError(f"the policy's action distribution is not one: {probabilities}")
+            decisions.append(construct(
                 request_id=request.request_id,
                 model=arm,
-                propensity=choice.propensity,
-                distribution={a: p for a, p in zip(policy.arms, choice.distribution.tolist()) if p > 0},
+                propensity=propensity,
+                distribution=distribution,
                 preference=preference,
                 features=x,
-                featuriser=self.featuriser.name,
+                featuriser=featuriser,
                 policy=policy.name,
                 snapshot_version=model.version,
                 cold_start=model.version == 0,
                 price=model.prices[choice.arm],
+                created_at=time.time(),
             ))
             counter = counters.get(arm)
             if counter is None:
@@ -289,6 +327,38 @@ class Router:
             self.metrics.explorations.inc(explorations)
         self.stats.decisions += len(decisions)
         return decisions
+
+
+#: The fields encode_decision writes, in RouteDecision's order. Should the event change,
+#: encode_decision falls back to schemas.encode until it is brought up to date.
+_DECISION_FIELDS = ("request_id", "model", "propensity", "distribution", "preference", "features",
+                    "featuriser", "policy", "snapshot_version", "cold_start", "price", "created_at")
+_FAST_ENCODE = (tuple(RouteDecision.model_fields) == _DECISION_FIELDS
+                and tuple(Preference.model_fields) == ("quality", "cost"))
+
+
+def encode_decision(decision: RouteDecision) -> bytes:
+    """``schemas.encode(decision)``, byte for byte, at a third of the cost: the JSON object is
+    built here, in the model's field order, instead of by pydantic's serialiser."""
+    if not _FAST_ENCODE:
+        return encode(decision)
+    preference = decision.preference
+    value = {
+        "request_id": decision.request_id,
+        "model": decision.model,
+        "propensity": decision.propensity,
+        "distribution": decision.distribution,
+        "preference": {"quality": preference.quality, "cost": preference.cost},
+        "features": _encode_vector(decision.features),
+        "featuriser": decision.featuriser,
+        "policy": decision.policy,
+        "snapshot_version": decision.snapshot_version,
+        "cold_start": decision.cold_start,
+    }
+    if decision.price is not None:
+        value["price"] = decision.price
+    value["created_at"] = decision.created_at
+    return orjson.dumps(value)
 
 
 class RoutingWorker:
@@ -408,7 +478,7 @@ class RoutingWorker:
         self.router.check(request)
         self._admit()
         [decision] = await self._on_routing_thread(self.router.route, [request])
-        await self._produce(producer, self.settings.topic("decisions"), encode(decision),
+        await self._produce(producer, self.settings.topic("decisions"), encode_decision(decision),
                             decision.request_id.encode())
         self.metrics.decision_latency.labels(source="http").observe(time.monotonic() - started)
         return decision
@@ -597,7 +667,8 @@ class RoutingWorker:
                         DeadLetter.for_record(record, "internal_error", repr(exc), self.worker_id))))
             topic = s.topic("decisions")
             for decision in decisions:
-                pending.append(await producer.send(topic, encode(decision), key=decision.request_id.encode()))
+                pending.append(await producer.send(topic, encode_decision(decision),
+                                                   key=decision.request_id.encode()))
         offsets = {tp: records[-1].offset + 1 for tp, records in batches.items() if records}
         return _InFlight(pending, offsets, fetched, len(decisions))
 
