@@ -19,7 +19,11 @@ decision, at once) and the evaluator (a reward for every decision, at once). Pha
    every message, so no phase runs on what another left), **open-loop latency** at each
    offered load (200 and 1000 requests/s): requests go out on a fixed schedule whatever the replies, and
    request-to-decision latency is from just before the request's ``send`` to the decision
-   arriving here (both on this process's monotonic clock).
+   arriving here (both on this process's monotonic clock). Beside it, the same split in two
+   by the decision's ``created_at``: ``to_decided`` (the router's fetch wait, decoding and
+   routing) and ``decided_to_seen`` (the produce, its acknowledgement, and this process's
+   own fetch wait, DECISIONS_FETCH_WAIT_MS), and this process's garbage-collector pauses
+   meanwhile (``generator_gc``).
 5. **Freshness**, during the 200 requests/s phase: for every reward, the time from just
    before its ``send`` to the first moment the routing worker's ``GET /v1/model`` (polled
    every ``poll_ms``) reports a snapshot version whose ``outcomes_offset`` is at or past
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import gc
 import logging
 import os
 import time
@@ -66,6 +71,36 @@ ARMS = 11
 #: The routing worker's batch (RoutingWorker.max_batch): the encoder alone runs batches of it.
 ROUTER_BATCH = 64
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+#: The fetch wait of the generator's decisions consumer (the downstream caller's): part of
+#: the request-to-decision latency, as the router's own fetch wait is.
+DECISIONS_FETCH_WAIT_MS = 10
+
+
+class GcWatch:
+    """The garbage collector's pauses in this process while the block runs (they stop the
+    load generator's event loop, so they would show in the latencies it measures)."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[int, float]] = []
+        self._started = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses.append((info["generation"], time.perf_counter() - self._started))
+
+    def __enter__(self) -> GcWatch:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def summary(self) -> dict[str, float | int]:
+        longest = max((pause for _, pause in self.pauses), default=0.0)
+        return {"collections": len(self.pauses), "full": sum(1 for g, _ in self.pauses if g == 2),
+                "total_ms": round(sum(p for _, p in self.pauses) * 1e3, 2), "max_ms": round(longest * 1e3, 2)}
 
 
 # Processes: resident memory and CPU time from /proc.
@@ -116,6 +151,10 @@ class _Traffic:
 
     sent_at: dict[str, float] = field(default_factory=dict)
     decided_at: dict[str, float] = field(default_factory=dict)
+    #: The request's and its decision's ``created_at`` (wall clock, this machine's): the part
+    #: of the latency until the router decided, without the produce and this process's fetch.
+    created_wall: dict[str, float] = field(default_factory=dict)
+    decision_created_wall: dict[str, float] = field(default_factory=dict)
     rewarded_at: dict[str, float] = field(default_factory=dict)
     outcome_at: dict[str, float] = field(default_factory=dict)
     outcome_offset: dict[str, int] = field(default_factory=dict)
@@ -152,7 +191,7 @@ class LoadGenerator:
         consumers = {}
         for short in ("decisions", "outcomes", "snapshots"):
             consumer = make_consumer(s, group_id=None, enable_auto_commit=False,
-                                     fetch_max_wait_ms=10 if short == "decisions" else 50)
+                                     fetch_max_wait_ms=DECISIONS_FETCH_WAIT_MS if short == "decisions" else 50)
             await consumer.start()
             topic = s.topic(short)
             parts = [TopicPartition(topic, p) for p in range(partitions[topic])]
@@ -189,7 +228,8 @@ class LoadGenerator:
         self.serial += 1
         request_id = f"{self.run_id}-{i}"
         prompt = f"{i}. {self.prompts[i % len(self.prompts)]}"
-        return request_id, orjson.dumps({"request_id": request_id, "prompt": prompt, "created_at": time.time()})
+        created = self.traffic.created_wall[request_id] = time.time()
+        return request_id, orjson.dumps({"request_id": request_id, "prompt": prompt, "created_at": created})
 
     async def send_request(self) -> str:
         request_id, value = self._request()
@@ -246,7 +286,9 @@ class LoadGenerator:
                     if request_id in t.decided_at:  # a re-routed request (at-least-once): answered once
                         continue
                     t.decided_at[request_id] = now
-                    model = orjson.loads(record.value)["model"]
+                    decision = orjson.loads(record.value)
+                    model = decision["model"]
+                    t.decision_created_wall[request_id] = decision["created_at"]
                     quality, cost = self.rng.random(2)
                     await producer.send(responses, orjson.dumps(
                         {"request_id": request_id, "model": model, "cost_usd": float(cost) * 0.02}), key=key)
@@ -420,61 +462,75 @@ async def _phases(loop: LocalLoop, url: str, prompts: list[str], models: list[st
     s = loop.settings
     say = lambda message: _log(options.progress, f"{url}: {message}")  # noqa: E731
     async with LoadGenerator(s, prompts, models) as generator:
-        t = generator.traffic
-        # 1. Warm-up: until outcomes flow (the feedback worker's group join takes seconds).
-        say("warming up")
-        started = time.monotonic()
-        warm = asyncio.create_task(generator.closed_loop(options.warmup_s + 60.0, window=16))
-        await generator.wait_for(lambda: len(t.outcome_at) >= 16 or warm.done(), 90.0)
-        await asyncio.sleep(options.warmup_s)
-        warm.cancel()
-        await asyncio.gather(warm, return_exceptions=True)
-        generator._window = None
-        if not t.outcome_at:
-            loop.check_alive()
-            raise RuntimeError(f"no outcome within {time.monotonic() - started:.0f} s of warm-up")
-        await generator.wait_for(lambda: len(t.outcome_at) >= len(t.sent_at), 30.0)
-        if kind == "latency":
-            await _latency_phases(loop, generator, options, out, say)
-            return
-        rss_start = procs.rss()
+        # What this process holds by now (the data set, the modules, the clients, ~150k
+        # objects) lives until the end: out of the collector's sight, a full collection no
+        # longer scans it (40-50 ms with the generator's loop stopped, measured on a quiet
+        # machine; the latency phases report the pauses left, generator_gc).
+        gc.collect()
+        gc.freeze()
+        try:
+            await _measure(loop, generator, url, prompts, options, procs, out, kind, say)
+        finally:
+            gc.unfreeze()  # process-wide: a caller (a test) gets its collector back as it was
 
-        # 2. Saturation, the whole loop, for duration_s: also the memory phase.
-        say(f"saturating the loop for {options.duration_s:g} s (window {options.window})")
-        cpu_before, wall_before = procs.cpu(), time.monotonic()
-        snapshots_before = len(t.snapshots_seen)
-        begin, end = await generator.closed_loop(options.duration_s, options.window)
-        cpu = _cores(cpu_before, procs.cpu(), time.monotonic() - wall_before)
-        rss_end = procs.rss()
+
+async def _measure(loop: LocalLoop, generator: LoadGenerator, url: str, prompts: list[str],
+                   options: LoopBenchOptions, procs: _Procs, out: dict, kind: str, say) -> None:
+    s, t = loop.settings, generator.traffic
+    # 1. Warm-up: until outcomes flow (the feedback worker's group join takes seconds).
+    say("warming up")
+    started = time.monotonic()
+    warm = asyncio.create_task(generator.closed_loop(options.warmup_s + 60.0, window=16))
+    await generator.wait_for(lambda: len(t.outcome_at) >= 16 or warm.done(), 90.0)
+    await asyncio.sleep(options.warmup_s)
+    warm.cancel()
+    await asyncio.gather(warm, return_exceptions=True)
+    generator._window = None
+    if not t.outcome_at:
         loop.check_alive()
-        skip = min(10.0, 0.1 * (end - begin))
-        window_s = end - (begin + skip)
-        completed = sum(1 for at in t.outcome_at.values() if begin + skip <= at <= end)
-        decided = sum(1 for at in t.decided_at.values() if begin + skip <= at <= end)
-        lag = _scrape(f"http://127.0.0.1:{s.http_port + 1}/metrics", "routeloop_learner_lag_outcomes")
-        sustained = completed / window_s
-        ours = sum(v for k, v in cpu.items() if v is not None and k != "machine (every process)")
-        if cpu.get("machine (every process)") is not None:
-            cpu["other processes (not this benchmark)"] = round(max(0.0, cpu["machine (every process)"] - ours), 3)
-        busiest = max((name for name in procs.pids if cpu.get(name) is not None
-                       and name != "load generator (this process)"), key=lambda name: cpu[name], default=None)
-        out["sustained_rps"][url] = round(sustained, 1)
-        out["saturation"][url] = {
-            "outcomes_per_s": round(sustained, 1), "decisions_per_s": round(decided / window_s, 1),
-            "window": options.window, "measured_s": round(window_s, 1),
-            "snapshots_published_per_s": round((len(t.snapshots_seen) - snapshots_before) / (end - begin), 2),
-            "learner_lag_outcomes_at_end": lag,
-            "cpu_cores": cpu, "busiest_worker": busiest,
-        }
-        out["rss_mb"][url] = {name: {"start": rss_start.get(name), "end": rss_end.get(name)} for name in rss_end}
-        say(f"sustained {sustained:.0f} requests/s through the loop; cpu {cpu}")
-        # Let the loop drain the window before the next phase.
-        await generator.wait_for(lambda: len(t.outcome_at) >= len(t.sent_at), 60.0)
+        raise RuntimeError(f"no outcome within {time.monotonic() - started:.0f} s of warm-up")
+    await generator.wait_for(lambda: len(t.outcome_at) >= len(t.sent_at), 30.0)
+    if kind == "latency":
+        await _latency_phases(loop, generator, options, out, say)
+        return
+    rss_start = procs.rss()
 
-        # 3. The encoder alone, same process kind of work, same prompts.
-        say("encoder alone")
-        out["encoder_only_rps"][url] = round(await asyncio.to_thread(
-            encoder_only_rps, url, prompts, options.encoder_s), 1)
+    # 2. Saturation, the whole loop, for duration_s: also the memory phase.
+    say(f"saturating the loop for {options.duration_s:g} s (window {options.window})")
+    cpu_before, wall_before = procs.cpu(), time.monotonic()
+    snapshots_before = len(t.snapshots_seen)
+    begin, end = await generator.closed_loop(options.duration_s, options.window)
+    cpu = _cores(cpu_before, procs.cpu(), time.monotonic() - wall_before)
+    rss_end = procs.rss()
+    loop.check_alive()
+    skip = min(10.0, 0.1 * (end - begin))
+    window_s = end - (begin + skip)
+    completed = sum(1 for at in t.outcome_at.values() if begin + skip <= at <= end)
+    decided = sum(1 for at in t.decided_at.values() if begin + skip <= at <= end)
+    lag = _scrape(f"http://127.0.0.1:{s.http_port + 1}/metrics", "routeloop_learner_lag_outcomes")
+    sustained = completed / window_s
+    ours = sum(v for k, v in cpu.items() if v is not None and k != "machine (every process)")
+    if cpu.get("machine (every process)") is not None:
+        cpu["other processes (not this benchmark)"] = round(max(0.0, cpu["machine (every process)"] - ours), 3)
+    busiest = max((name for name in procs.pids if cpu.get(name) is not None
+                   and name != "load generator (this process)"), key=lambda name: cpu[name], default=None)
+    out["sustained_rps"][url] = round(sustained, 1)
+    out["saturation"][url] = {
+        "outcomes_per_s": round(sustained, 1), "decisions_per_s": round(decided / window_s, 1),
+        "window": options.window, "measured_s": round(window_s, 1),
+        "snapshots_published_per_s": round((len(t.snapshots_seen) - snapshots_before) / (end - begin), 2),
+        "learner_lag_outcomes_at_end": lag,
+        "cpu_cores": cpu, "busiest_worker": busiest,
+    }
+    out["rss_mb"][url] = {name: {"start": rss_start.get(name), "end": rss_end.get(name)} for name in rss_end}
+    say(f"sustained {sustained:.0f} requests/s through the loop; cpu {cpu}")
+    # Let the loop drain the window before the next phase.
+    await generator.wait_for(lambda: len(t.outcome_at) >= len(t.sent_at), 60.0)
+
+    # 3. The encoder alone, same process kind of work, same prompts.
+    say("encoder alone")
+    out["encoder_only_rps"][url] = round(await asyncio.to_thread(
+        encoder_only_rps, url, prompts, options.encoder_s), 1)
 
 
 
@@ -488,14 +544,23 @@ async def _latency_phases(loop: LocalLoop, generator: LoadGenerator, options: Lo
         poller = None
         if rate == min(options.loads) and loop.router_url:
             poller = asyncio.create_task(generator.poll_model(loop.router_url, options.poll_ms / 1e3, stop))
-        begin, end, ids = await generator.open_loop(rate, options.latency_s)
-        await generator.wait_for(lambda: all(i in t.decided_at for i in ids), 30.0)
+        with GcWatch() as gc_watch:
+            begin, end, ids = await generator.open_loop(rate, options.latency_s)
+            await generator.wait_for(lambda: all(i in t.decided_at for i in ids), 30.0)
         skip = min(2.0, 0.1 * options.latency_s)
-        latencies = [t.decided_at[i] - t.sent_at[i] for i in ids
-                     if i in t.decided_at and t.sent_at[i] >= begin + skip]
-        figures = _percentiles_ms(latencies)
+        measured = [i for i in ids if i in t.decided_at and t.sent_at[i] >= begin + skip]
+        figures = _percentiles_ms([t.decided_at[i] - t.sent_at[i] for i in measured])
         figures.update({"offered_rps": rate, "achieved_send_rps": round(len(ids) / (end - begin), 1),
                         "undecided": sum(1 for i in ids if i not in t.decided_at)})
+        # Where it goes: until the router built the decision (its fetch wait and the routing),
+        # then the produce, its acknowledgement and this process's fetch wait (up to
+        # DECISIONS_FETCH_WAIT_MS: the embedded broker holds a fetch that long).
+        figures["to_decided"] = _percentiles_ms(
+            [t.decision_created_wall[i] - t.created_wall[i] for i in measured if i in t.decision_created_wall])
+        figures["decided_to_seen"] = _percentiles_ms(
+            [(t.decided_at[i] - t.sent_at[i]) - (t.decision_created_wall[i] - t.created_wall[i])
+             for i in measured if i in t.decision_created_wall])
+        figures["generator_gc"] = gc_watch.summary()
         out["latency_ms"][str(rate)] = figures
         say(f"request->decision p50 {figures['p50']} ms, p99 {figures['p99']} ms")
         if poller is not None:
@@ -593,7 +658,12 @@ def format_loop_report(report: dict) -> str:
         for worker, mb in report["rss_mb"][url].items():
             lines.append(f"    rss {worker}: {mb['start']} -> {mb['end']} MB")
     for rate, figures in report["latency_ms"].items():
-        lines.append(f"offered {rate}/s: request->decision p50 {figures['p50']:.1f} ms, p99 {figures['p99']:.1f} ms")
+        line = f"offered {rate}/s: request->decision p50 {figures['p50']:.1f} ms, p99 {figures['p99']:.1f} ms"
+        if (figures.get("to_decided") or {}).get("p50") is not None:
+            line += (f" (to decided p50 {figures['to_decided']['p50']:.1f} / p99 {figures['to_decided']['p99']:.1f}, "
+                     f"then to seen p50 {figures['decided_to_seen']['p50']:.1f} / "
+                     f"p99 {figures['decided_to_seen']['p99']:.1f})")
+        lines.append(line)
     fresh = report.get("freshness_ms") or {}
     if fresh.get("p50") is not None:
         lines.append(f"freshness (reward -> applied snapshot): p50 {fresh['p50']:.0f} ms, p99 {fresh['p99']:.0f} ms")
