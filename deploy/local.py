@@ -37,10 +37,6 @@ from schemas.settings import Settings
 WORKERS = ("router", "feedback", "learner")
 #: Where the workers' HTTP ports are, from this machine.
 HTTP_HOST = "127.0.0.1"
-#: Environment defaults of every worker (the caller's environment wins). One BLAS thread:
-#: the workers' matrix products are small, and OpenBLAS's idle threads spin after each one;
-#: on two cores that was most of the router's CPU at saturation (see router.worker).
-WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1"}
 
 
 class LocalLoop:
@@ -77,7 +73,7 @@ class LocalLoop:
 
     def restart(self, name: str) -> None:
         """Start (or start again) one worker."""
-        env = {**WORKER_ENV, **os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
         log = open(self.log_dir / f"{name}.log", "ab")
         self.processes[name] = subprocess.Popen(
             [sys.executable, "-m", "deploy.cli", "worker", name], env=env,

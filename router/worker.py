@@ -22,7 +22,6 @@ import contextlib
 import gc
 import logging
 import math
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -740,30 +739,8 @@ class RoutingWorker:
                 await check_layout(producer.client, self.settings, ROUTER_TOPICS, self.worker_id)
 
 
-def one_blas_thread() -> bool:
-    """Limit numpy's BLAS (OpenBLAS) to one thread in this process, if threadpoolctl is there.
-
-    The policy's products are small (a batch of 64 by 384 by 128 at most): OpenBLAS splits
-    them over every core and its idle threads spin after each call. On two cores that was
-    60% of the router's CPU at saturation (0.42 ms a decision; 0.15 with one thread).
-    ``OPENBLAS_NUM_THREADS=1`` in the environment does the same before numpy loads (the
-    local loop sets it for its workers). False if neither applies.
-    """
-    if os.environ.get("OPENBLAS_NUM_THREADS"):
-        return True
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        log.info("threadpoolctl is not installed: BLAS keeps its threads "
-                 "(set OPENBLAS_NUM_THREADS=1 for the router)")
-        return False
-    threadpool_limits(1, user_api="blas")
-    return True
-
-
 def run_routing_worker(settings: Settings) -> None:
     """Run a routing worker in the foreground until SIGINT/SIGTERM."""
     from deploy.process import run_until_signalled
 
-    one_blas_thread()
     run_until_signalled(RoutingWorker(settings, freeze_gc=True).run, settings.log_level)
