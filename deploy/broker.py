@@ -241,6 +241,12 @@ class EmbeddedBroker:
         self._process.send_signal(signum)
 
 
+def bootstrap_port(settings: Settings) -> int:
+    """The port of the first of ``settings.bootstrap_servers``: where a local broker serves."""
+    first = bootstrap_list(settings)[0]
+    return int(first.rsplit(":", 1)[1]) if ":" in first else 9092
+
+
 def run_broker(
     settings: Settings, port: int | None = None, *, log_path: str | Path | None = None
 ) -> None:
@@ -251,8 +257,7 @@ def run_broker(
     The topics of ``settings`` are created before the address is printed.
     """
     if port is None:
-        first = bootstrap_list(settings)[0]
-        port = int(first.rsplit(":", 1)[1]) if ":" in first else 9092
+        port = bootstrap_port(settings)
     stop_requested = threading.Event()
     previous = {
         signum: signal.signal(signum, lambda *_: stop_requested.set())

@@ -40,7 +40,22 @@ def _settings(ctx: click.Context) -> Settings:
     return ctx.obj["settings"]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Commands(click.Group):
+    """The command group; an unreachable broker is one clear line, not a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        from aiokafka.errors import KafkaConnectionError
+
+        try:
+            return super().invoke(ctx)
+        except KafkaConnectionError as exc:
+            servers = ctx.obj["settings"].bootstrap_servers if ctx.obj else "?"
+            raise click.ClickException(
+                f"cannot reach the broker at {servers} ({exc}). Start one with `routeloop up` or "
+                "`routeloop broker`, or point ROUTELOOP_BOOTSTRAP_SERVERS at yours.") from None
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--config", type=click.Path(exists=True, dir_okay=False),
               help="A TOML settings file (also ROUTELOOP_CONFIG); ROUTELOOP_* variables override it.")
 @click.pass_context
@@ -115,10 +130,13 @@ def up(ctx: click.Context, log_dir: str) -> None:
     The router's HTTP API listens on ROUTELOOP_HTTP_PORT (8080), the learner's and the
     feedback worker's /metrics on the next two ports. Needs ROUTELOOP_MODELS.
     """
+    from deploy.broker import bootstrap_port
     from deploy.local import LocalLoop
 
     settings = _settings(ctx)
-    with LocalLoop(settings, log_dir=log_dir, http_port=settings.http_port) as loop:
+    # The broker on the bootstrap port (9092 by default): other commands find it unchanged.
+    with LocalLoop(settings, log_dir=log_dir, http_port=settings.http_port,
+                   broker_port=bootstrap_port(settings)) as loop:
         click.echo(f"broker on {loop.settings.bootstrap_servers}; workers "
                    f"{', '.join(loop.processes)}; logs in {log_dir}; Ctrl-C stops")
         if loop.router_url:

@@ -42,11 +42,13 @@ HTTP_HOST = "127.0.0.1"
 class LocalLoop:
     def __init__(self, settings: Settings, log_dir: str | Path = ".routeloop/logs",
                  start_broker: bool = True, workers: tuple[str, ...] = WORKERS,
-                 http_port: int | None = None) -> None:
+                 http_port: int | None = None, broker_port: int | None = None) -> None:
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.settings = settings
-        self.broker = EmbeddedBroker(log_path=self.log_dir / "broker.log") if start_broker else None
+        # broker_port None: a free port (tests and benchmarks run side by side).
+        self.broker = (EmbeddedBroker(broker_port, log_path=self.log_dir / "broker.log")
+                       if start_broker else None)
         self.worker_names = workers
         self.http_port = http_port
         self.processes: dict[str, subprocess.Popen] = {}

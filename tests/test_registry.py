@@ -284,3 +284,11 @@ async def test_learner_follows_the_registry_and_dead_letters_bad_records(setting
     letters = [decode(DeadLetter, r.value) async for r in iter_topic(live, "deadletter")]
     assert sorted((d.source_topic, d.reason) for d in letters) == [
         (live.topic("models"), "invalid_json"), (live.topic("outcomes"), "unknown_model")]
+
+
+def test_an_unreachable_broker_is_one_clear_error():
+    result = CliRunner().invoke(main, ["models", "list"],
+                                env=Settings(bootstrap_servers="127.0.0.1:9").to_env())
+    assert result.exit_code == 1
+    assert "cannot reach the broker at 127.0.0.1:9" in result.output
+    assert "Traceback" not in result.output
