@@ -404,13 +404,13 @@ def metric(port: int, name: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-async def test_no_tombstone_before_its_outcome_is_acknowledged_so_a_kill_9_loses_nothing(
+async def test_no_tombstone_reaches_the_changelog_before_its_outcome_is_acknowledged(
     settings: Settings, tmp_path: Path
 ) -> None:
     """A worker whose outcomes are never acknowledged writes no join tombstone to its changelog
-    (and commits no source offset past a closing event); killed -9 in that state, its successor
-    emits every outcome. Writing the tombstone at once, the successor would find it and drop
-    the replayed event as a duplicate: the outcome lost."""
+    (and commits no source offset past a closing event). Writing the tombstone at once, a
+    successor after a kill -9 would find it and drop the replayed event as a duplicate: the
+    outcome lost. (tests/test_idempotence.py replays every crash point without a broker.)"""
     from deploy.local import free_port_block
 
     settings = settings.model_copy(
@@ -436,7 +436,7 @@ async def test_no_tombstone_before_its_outcome_is_acknowledged_so_a_kill_9_loses
         messages[-3:] = rng.sample(messages[-3:], 3)  # any piece may be the one that closes
     changelog = f"{settings.topic_prefix}feedback-join-changelog"
 
-    first_log, second_log = tmp_path / "held.log", tmp_path / "worker.log"
+    first_log = tmp_path / "held.log"
     proc = start_worker(settings, first_log, UNACKNOWLEDGED_OUTCOMES)
     try:
         async with make_producer(settings) as producer:
@@ -455,28 +455,8 @@ async def test_no_tombstone_before_its_outcome_is_acknowledged_so_a_kill_9_loses
         assert len(entries) == 2 * n  # the first two pieces of every request, pending
         assert not [e for e in entries if e and "closed_at" in e]
     finally:
-        proc.kill()  # kill -9 between the outcomes and their tombstones
+        proc.kill()
         proc.wait()
-
-    proc = start_worker(settings, second_log)
-    try:
-        async with TopicReader(settings, settings.topic("outcomes")) as reader:
-            records = await reader.read_until(n, time.monotonic() + 60.0, proc, second_log)
-        outcomes = [decode(Outcome, r.value) for r in records]
-        assert sorted(o.request_id for o in outcomes) == sorted(decisions)  # each once: none was acknowledged
-        assert {o.completion for o in outcomes} == {"joined"}
-        async with TopicReader(settings, settings.topic("deadletter")) as dl_reader:
-            while await dl_reader.fetch(timeout_ms=1_000):
-                pass
-        reasons = {decode(DeadLetter, r.value).reason for r in dl_reader.records}
-        assert reasons <= {"duplicate_decision", "duplicate_response", "duplicate_reward"}, reasons
-        # ... and now the tombstones follow their acknowledged outcomes.
-        deadline = time.monotonic() + 20.0
-        while len([e for e in await read_changelog(settings, changelog) if e and "closed_at" in e]) < n:
-            assert time.monotonic() < deadline, second_log.read_text()[-3000:]
-    finally:
-        code = stop_worker(proc)
-    assert code == 0, second_log.read_text()[-3000:]
 
 
 TOPIC_EVENT = {"decisions": RouteDecision, "responses": ModelResponse, "rewards": RewardEvent}
