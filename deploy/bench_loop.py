@@ -270,10 +270,10 @@ class LoadGenerator:
 
     # -- the caller, the evaluator, and the observers
 
-    async def _read_decisions(self) -> None:
-        consumer, s, producer = self.consumers["decisions"], self.settings, self.producer
-        responses, rewards = s.topic("responses"), s.topic("rewards")
-        t = self.traffic
+    async def _first_copies(self, consumer, seen: dict[str, float]):
+        """This run's records on ``consumer``, the first copy of each request id only (a record
+        may come twice: at-least-once); each is entered in ``seen`` at its fetch time and
+        yielded as (request_id, record)."""
         while True:
             batches = await consumer.getmany(timeout_ms=100)
             now = time.monotonic()
@@ -283,37 +283,33 @@ class LoadGenerator:
                     if not key.startswith(self.prefix):
                         continue
                     request_id = key.decode()
-                    if request_id in t.decided_at:  # a re-routed request (at-least-once): answered once
+                    if request_id in seen:
                         continue
-                    t.decided_at[request_id] = now
-                    decision = orjson.loads(record.value)
-                    model = decision["model"]
-                    t.decision_created_wall[request_id] = decision["created_at"]
-                    quality, cost = self.rng.random(2)
-                    await producer.send(responses, orjson.dumps(
-                        {"request_id": request_id, "model": model, "cost_usd": float(cost) * 0.02}), key=key)
-                    t.rewarded_at[request_id] = time.monotonic()
-                    await producer.send(rewards, orjson.dumps(
-                        {"reward_id": f"{request_id}/q", "request_id": request_id, "quality": float(quality),
-                         "evaluator": "bench"}), key=key)
+                    seen[request_id] = now
+                    yield request_id, record
+
+    async def _read_decisions(self) -> None:
+        s, producer, t = self.settings, self.producer, self.traffic
+        responses, rewards = s.topic("responses"), s.topic("rewards")
+        async for request_id, record in self._first_copies(self.consumers["decisions"], t.decided_at):
+            key = record.key
+            decision = orjson.loads(record.value)
+            model = decision["model"]
+            t.decision_created_wall[request_id] = decision["created_at"]
+            quality, cost = self.rng.random(2)
+            await producer.send(responses, orjson.dumps(
+                {"request_id": request_id, "model": model, "cost_usd": float(cost) * 0.02}), key=key)
+            t.rewarded_at[request_id] = time.monotonic()
+            await producer.send(rewards, orjson.dumps(
+                {"reward_id": f"{request_id}/q", "request_id": request_id, "quality": float(quality),
+                 "evaluator": "bench"}), key=key)
 
     async def _read_outcomes(self) -> None:
-        consumer, t = self.consumers["outcomes"], self.traffic
-        while True:
-            batches = await consumer.getmany(timeout_ms=100)
-            now = time.monotonic()
-            for records in batches.values():
-                for record in records:
-                    key = record.key or b""
-                    if not key.startswith(self.prefix):
-                        continue
-                    request_id = key.decode()
-                    if request_id in t.outcome_at:
-                        continue
-                    t.outcome_at[request_id] = now
-                    t.outcome_offset[request_id] = record.offset
-                    if self._window is not None:
-                        self._window.release()
+        t = self.traffic
+        async for request_id, record in self._first_copies(self.consumers["outcomes"], t.outcome_at):
+            t.outcome_offset[request_id] = record.offset
+            if self._window is not None:
+                self._window.release()
 
     async def _read_snapshots(self) -> None:
         consumer, t = self.consumers["snapshots"], self.traffic
