@@ -33,7 +33,8 @@ Faust (faust-streaming 0.15.3) on the embedded broker needed (see DESIGN.md):
 * :func:`install_true_highwaters`: table recovery stops at the broker's end offsets,
   which are short, so a restarted worker lost its newest join state;
 * :class:`RouteloopApp`: Faust's recovery drops the events fetched while it seeks the
-  source partitions to their committed offsets (:class:`_FlowControl`);
+  source partitions to their committed offsets (:class:`_FlowControl`), and Faust's
+  consumer commits past a message not yet acknowledged (:class:`_AtLeastOnceConsumer`);
 * :class:`TableState`: the sweep writes the table outside of any event, which Faust's
   tables do not allow by themselves;
 * :func:`install_fetch_max_wait`: Faust's consumer waits up to 1.5 s per fetch, which the
@@ -66,6 +67,7 @@ from typing import Any
 import faust
 from faust.exceptions import PartitionsMismatch
 from faust.streams import _current_event, current_event
+from faust.transport.drivers.aiokafka import Consumer as AIOKafkaDriverConsumer
 from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
 
@@ -325,6 +327,8 @@ class FeedbackWorker:
         self._last_stats = clock()
         self.metrics = FeedbackMetrics()
         self._crash: asyncio.Task[None] | None = None
+        # Messages held unacknowledged until their outcomes are: Faust tracks them weakly.
+        self._held_messages: set[Any] = set()
 
     # -- the agent's work ---------------------------------------------------------------
 
@@ -442,10 +446,12 @@ class FeedbackWorker:
         message = None if event is None else event.message
         if message is not None:
             message.incref()
+            self._held_messages.add(message)
         acked = sent[0] if len(sent) == 1 else asyncio.gather(*sent)
         acked.add_done_callback(functools.partial(self._settle, closed, message))  # type: ignore[union-attr]
 
     def _settle(self, closed: list[str], message: Any, acked: asyncio.Future[Any]) -> None:
+        self._held_messages.discard(message)
         failure: BaseException | None = asyncio.CancelledError() if acked.cancelled() else acked.exception()
         if failure is None:
             try:
@@ -657,12 +663,50 @@ class _FlowControl(FlowControlEvent):
             self.clear()
 
 
+class _AtLeastOnceConsumer(AIOKafkaDriverConsumer):
+    """Faust's aiokafka consumer, minus committing past a message still being processed.
+
+    Faust commits, per partition, the first run of consecutive acknowledged offsets
+    (``Consumer._new_offset``). It withholds the commit only when that run starts more
+    than one offset above the committed offset, and not at all when nothing is committed
+    yet (or 0 is). A message whose acknowledgement waits (here: a join's closing event,
+    until its outcome is acknowledged) is then committed over as soon as later ones are
+    acknowledged, and a kill -9 before it is acknowledged loses it: measured, 45 of 100
+    closing events on 5 of 9 restarts (faust-streaming issue #606, open PR #707).
+
+    Here a partition's commit stops at its lowest offset that a stream took and has not
+    acknowledged (Faust tracks those in ``_unacked_messages``); below that, Faust's own
+    rule applies, gaps (compacted or transaction-marker offsets) included.
+    """
+
+    def _new_offset(self, tp: Any) -> int | None:
+        committed = self._committed_offset[tp] or 0
+        pending = [m.offset for m in list(self._unacked_messages)
+                   if m.tp == tp and not m.acked and m.offset >= committed]  # fmt: skip
+        if not pending:
+            return super()._new_offset(tp)
+        head = min(pending)
+        acked = self._acked[tp]
+        later = [offset for offset in acked if offset >= head]
+        acked[:] = [offset for offset in acked if offset < head]
+        try:
+            return super()._new_offset(tp) if acked else None
+        finally:
+            acked.extend(later)  # committable once the head is acknowledged
+
+
 class RouteloopApp(faust.App):
-    """``faust.App`` with the flow-control fix of :class:`_FlowControl` (faust-streaming 0.15.3)."""
+    """``faust.App`` with the fixes of :class:`_FlowControl` and :class:`_AtLeastOnceConsumer`
+    (faust-streaming 0.15.3)."""
 
     @cached_property
     def flow_control(self) -> FlowControlEvent:
         return _FlowControl(loop=self.loop)
+
+    def _new_transport(self) -> Any:
+        transport = super()._new_transport()
+        transport.Consumer = _AtLeastOnceConsumer
+        return transport
 
 
 def create_app(

@@ -380,9 +380,12 @@ from streams.app import run_feedback_worker
 settings = Settings.load()
 outcomes, real_send = settings.topic("outcomes"), driver.Producer.send
 
+in_flight = []  # as a real producer does, keep each pending produce until it resolves
+
 async def send(self, topic, *args, **kwargs):
     if topic == outcomes:
-        return asyncio.get_running_loop().create_future()
+        in_flight.append(asyncio.get_running_loop().create_future())
+        return in_flight[-1]
     return await real_send(self, topic, *args, **kwargs)
 
 driver.Producer.send = send
@@ -404,13 +407,17 @@ def metric(port: int, name: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-async def test_no_tombstone_reaches_the_changelog_before_its_outcome_is_acknowledged(
+async def test_no_tombstone_before_its_outcome_is_acknowledged_so_a_kill_9_loses_nothing(
     settings: Settings, tmp_path: Path
 ) -> None:
     """A worker whose outcomes are never acknowledged writes no join tombstone to its changelog
-    (and commits no source offset past a closing event). Writing the tombstone at once, a
-    successor after a kill -9 would find it and drop the replayed event as a duplicate: the
-    outcome lost. (tests/test_idempotence.py replays every crash point without a broker.)"""
+    and commits no source offset past a closing event; killed -9 in that state, its successor
+    emits every outcome. Writing the tombstone at once, the successor would find it and drop
+    the replayed event as a duplicate; committing past the closing event (Faust's own commit
+    rule, see streams.app._AtLeastOnceConsumer), it would never see the event again: either
+    way the outcome is lost. (tests/test_idempotence.py replays every crash point without a
+    broker; test_the_worker_never_commits_past_a_message_it_has_not_acknowledged pins the
+    commit rule.)"""
     from deploy.local import free_port_block
 
     settings = settings.model_copy(
@@ -436,7 +443,7 @@ async def test_no_tombstone_reaches_the_changelog_before_its_outcome_is_acknowle
         messages[-3:] = rng.sample(messages[-3:], 3)  # any piece may be the one that closes
     changelog = f"{settings.topic_prefix}feedback-join-changelog"
 
-    first_log = tmp_path / "held.log"
+    first_log, second_log = tmp_path / "held.log", tmp_path / "worker.log"
     proc = start_worker(settings, first_log, UNACKNOWLEDGED_OUTCOMES)
     try:
         async with make_producer(settings) as producer:
@@ -455,8 +462,28 @@ async def test_no_tombstone_reaches_the_changelog_before_its_outcome_is_acknowle
         assert len(entries) == 2 * n  # the first two pieces of every request, pending
         assert not [e for e in entries if e and "closed_at" in e]
     finally:
-        proc.kill()
+        proc.kill()  # kill -9 between the outcomes and their tombstones
         proc.wait()
+
+    proc = start_worker(settings, second_log)
+    try:
+        async with TopicReader(settings, settings.topic("outcomes")) as reader:
+            records = await reader.read_until(n, time.monotonic() + 60.0, proc, second_log)
+        outcomes = [decode(Outcome, r.value) for r in records]
+        assert sorted(o.request_id for o in outcomes) == sorted(decisions)  # each once: none was acknowledged
+        assert {o.completion for o in outcomes} == {"joined"}
+        async with TopicReader(settings, settings.topic("deadletter")) as dl_reader:
+            while await dl_reader.fetch(timeout_ms=1_000):
+                pass
+        reasons = {decode(DeadLetter, r.value).reason for r in dl_reader.records}
+        assert reasons <= {"duplicate_decision", "duplicate_response", "duplicate_reward"}, reasons
+        # ... and now the tombstones follow their acknowledged outcomes.
+        deadline = time.monotonic() + 20.0
+        while len([e for e in await read_changelog(settings, changelog) if e and "closed_at" in e]) < n:
+            assert time.monotonic() < deadline, second_log.read_text()[-3000:]
+    finally:
+        code = stop_worker(proc)
+    assert code == 0, second_log.read_text()[-3000:]
 
 
 TOPIC_EVENT = {"decisions": RouteDecision, "responses": ModelResponse, "rewards": RewardEvent}
@@ -492,3 +519,52 @@ async def test_the_worker_consumer_waits_at_most_fetch_max_wait_ms(tmp_path: Pat
         waits.append(consumer._fetch_max_wait_ms)
         await consumer.stop()
     assert waits == [FETCH_MAX_WAIT_MS, 1500]
+
+
+def test_the_worker_never_commits_past_a_message_it_has_not_acknowledged(tmp_path: Path) -> None:
+    """The commit rule of streams.app._AtLeastOnceConsumer, against Faust's own on the same state."""
+    from faust.transport.drivers.aiokafka import Consumer as FaustConsumer
+    from faust.types.tuples import TP, ConsumerMessage
+
+    from streams.app import create_app
+
+    settings = Settings(data_dir=str(tmp_path))
+    topic = settings.topic("decisions")
+    tp = TP(topic, 0)
+
+    def consumer_holding(first: int, held: set[int], committed: int | None) -> tuple[object, list]:
+        """A worker consumer whose stream took offsets ``first``.. ``first + 5`` and acknowledged
+        all but ``held``."""
+        consumer = create_app(settings, worker_id=f"commit-{first}-{committed}").consumer
+        consumer.app.topics._acking_topics.add(topic)  # what the agent's subscription does
+        consumer._committed_offset[tp] = committed
+        taken = [ConsumerMessage(topic, 0, offset, 0.0, 0, [], b"k", b"v", None) for offset in range(first, first + 6)]
+        for message in taken:  # what a stream does as it takes each message
+            message.tracked = True
+            consumer._unacked_messages.add(message)
+        for message in taken:
+            if message.offset not in held:
+                assert consumer.ack(message)
+        return consumer, taken
+
+    # Nothing committed yet, offset 0 held: Faust commits 6, over it.
+    faust_own, _ = consumer_holding(0, {0}, None)
+    assert FaustConsumer._new_offset(faust_own, tp) == 6
+    consumer, taken = consumer_holding(0, {0}, None)
+    assert consumer._new_offset(tp) is None
+    assert consumer.ack(taken[0])
+    assert consumer._new_offset(tp) == 6
+
+    # Committed 10, offset 10 held (a head gap of one): Faust commits 16, over it.
+    faust_own, _ = consumer_holding(10, {10}, 10)
+    assert FaustConsumer._new_offset(faust_own, tp) == 16
+    consumer, taken = consumer_holding(10, {10}, 10)
+    assert consumer._new_offset(tp) is None
+
+    # Held in the middle: commit up to it, the rest once it is acknowledged.
+    consumer, taken = consumer_holding(20, {23}, 20)
+    assert consumer._new_offset(tp) == 23
+    consumer._committed_offset[tp] = 23
+    assert consumer._new_offset(tp) is None
+    assert consumer.ack(taken[3])
+    assert consumer._new_offset(tp) == 26
