@@ -184,3 +184,83 @@ def test_a_crash_before_the_outcomes_are_acknowledged_loses_none(data):
     _, after = run(ChangelogTable(table.changelog), list(enumerate(sequence))[committed:])
     emitted |= {o.request_id for _, outcomes, _ in after for o in outcomes}
     assert emitted == {f"q{i}" for i in range(20)}
+
+
+class _Event:
+    def __init__(self, message):
+        self.message = message
+
+
+class _Topic:
+    """A Faust topic whose sends stay in flight until the test settles them."""
+
+    def __init__(self):
+        self.sent = []
+
+    async def send(self, key, value):
+        import asyncio
+
+        self.sent.append(asyncio.get_running_loop().create_future())
+        return self.sent[-1]
+
+
+async def test_a_failed_outcome_produce_keeps_the_join_pending_and_its_event_unacknowledged():
+    """FeedbackWorker._settle: the closing event's outcome produce fails, so the held tombstone is
+    discarded (the changelog keeps the pending entry a replay joins again), the event is never
+    acknowledged (its offset is never committed) and the worker crashes for a restart. The same
+    close acknowledged writes the tombstone and acknowledges the event."""
+    import asyncio
+    import weakref
+    from types import SimpleNamespace
+
+    from aiokafka.errors import KafkaTimeoutError
+    from faust.streams import _current_event
+    from faust.types.tuples import ConsumerMessage
+
+    from schemas.codec import encode
+    from streams.app import FeedbackWorker, TableState
+
+    async def close_one(settle):
+        crashes, acked = [], []
+        app = SimpleNamespace(
+            consumer=SimpleNamespace(ack=lambda message: acked.append(message.offset) or True),
+            sensors=SimpleNamespace(on_message_out=lambda *args: None),
+            should_stop=False,
+        )
+
+        async def crash(exc):
+            crashes.append(exc)
+
+        app.crash = crash
+        table = ChangelogTable()
+        state = TableState(table, SETTINGS.topic("decisions"))
+        outcomes = _Topic()
+        worker = FeedbackWorker(app, SETTINGS, RewardJoiner.from_settings(state, SETTINGS), state=state,
+                                worker_name="test", outcomes_topic=outcomes, deadletter_topic=_Topic())
+        for offset, (short, event) in enumerate(zip(("decisions", "responses", "rewards"), events(1)[0])):
+            topic = SETTINGS.topic(short)
+            message = ConsumerMessage(topic, 0, offset, 0.0, 0, [], b"q0", encode(event), None)
+            message.incref()  # the stream's reference, dropped as it moves on
+            current = _Event(message)  # what the agent's stream makes current
+            token = _current_event.set(weakref.ref(current))
+            try:
+                await worker.handle(topic, 0, offset, b"q0", encode(event))
+            finally:
+                _current_event.reset(token)
+            message.ack(app.consumer)
+        assert len(outcomes.sent) == 1 and state.held() == 1  # the reward closed the join
+        assert not [v for _, v in table.changelog if v and "closed_at" in v]
+        settle(outcomes.sent[0])
+        await asyncio.sleep(0)  # the done callbacks
+        await asyncio.sleep(0)  # the crash task
+        return state, table, acked, crashes
+
+    state, table, acked, crashes = await close_one(lambda f: f.set_exception(KafkaTimeoutError()))
+    assert state.held() == 0
+    assert "closed_at" not in table.data["q0"]  # still pending: a replayed reward joins again
+    assert acked == [0, 1]  # the decision and the response; never the reward
+    assert [type(e) for e in crashes] == [KafkaTimeoutError]
+
+    state, table, acked, crashes = await close_one(lambda f: f.set_result(None))
+    assert state.held() == 0 and "closed_at" in table.data["q0"]
+    assert acked == [0, 1, 2] and crashes == []
