@@ -40,7 +40,7 @@ from router.registry import ModelRegistry
 from router.snapshot import SnapshotError, decode_snapshot, verification_keys
 from schemas import (DeadLetter, DecodeError, Event, ModelSpec, Preference, RouteDecision, RouteRequest,
                      decode, encode)
-from schemas.events import MAX_ARMS, MAX_DIM, MAX_NAME, _encode_vector
+from schemas.events import _encode_vector
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -228,20 +228,21 @@ class Router:
         return X
 
     def _check_model(self, model: RoutingModel) -> None:
-        """Refuse to route with a model whose decisions RouteDecision would not validate
-        (names, prices, version, dimension); checked once per model swapped in."""
+        """Refuse to route with a model whose decisions RouteDecision would not validate (arm,
+        policy and featuriser names, prices, version, dimension): one decision per arm is
+        validated in full, once per model swapped in; ``route`` then builds them unvalidated."""
         if model is self._checked_model:
             return
         policy = model.policy
-        names = [*policy.arms, policy.name, self.featuriser.name]
-        bad = [name for name in names if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME]
-        if bad or len(policy.arms) > MAX_ARMS:
-            raise ValueError(f"names no decision may carry: {bad[:3]} ({len(policy.arms)} arms)")
-        if any(price is not None and not (isinstance(price, (int, float)) and not isinstance(price, bool)
-                                          and math.isfinite(price) and price > 0) for price in model.prices):
-            raise ValueError(f"prices no decision may carry: {model.prices}")
-        if not (isinstance(model.version, int) and model.version >= 0 and 0 < self.featuriser.dim <= MAX_DIM):
-            raise ValueError(f"snapshot version {model.version}, dimension {self.featuriser.dim}")
+        share = 1.0 / max(len(policy.arms), 1)
+        features = np.zeros(self.featuriser.dim, dtype=np.float32)
+        for arm, price in zip(policy.arms, model.prices, strict=True):
+            RouteDecision(request_id="check", model=arm, propensity=share,
+                          distribution=dict.fromkeys(policy.arms, share),
+                          preference=Preference(quality=1.0, cost=0.0), features=features,
+                          featuriser=self.featuriser.name, policy=policy.name,
+                          snapshot_version=model.version, cold_start=model.version == 0,
+                          price=price, created_at=0.0)
         self._checked_model = model
 
     def check(self, request: RouteRequest, model: RoutingModel | None = None) -> np.ndarray:
