@@ -186,11 +186,6 @@ def test_a_crash_before_the_outcomes_are_acknowledged_loses_none(data):
     assert emitted == {f"q{i}" for i in range(20)}
 
 
-class _Event:
-    def __init__(self, message):
-        self.message = message
-
-
 class _Topic:
     """A Faust topic whose sends stay in flight until the test settles them."""
 
@@ -218,7 +213,7 @@ async def test_a_failed_outcome_produce_keeps_the_join_pending_and_its_event_una
     from faust.types.tuples import ConsumerMessage
 
     from schemas.codec import encode
-    from streams.app import FeedbackWorker, TableState
+    from streams.app import FeedbackWorker, TableState, _StandInEvent
 
     async def close_one(settle):
         crashes, acked = [], []
@@ -241,7 +236,8 @@ async def test_a_failed_outcome_produce_keeps_the_join_pending_and_its_event_una
             topic = SETTINGS.topic(short)
             message = ConsumerMessage(topic, 0, offset, 0.0, 0, [], b"q0", encode(event), None)
             message.incref()  # the stream's reference, dropped as it moves on
-            current = _Event(message)  # what the agent's stream makes current
+            current = _StandInEvent(topic, 0)  # the agent's event, with its message
+            current.message = message
             token = _current_event.set(weakref.ref(current))
             try:
                 await worker.handle(topic, 0, offset, b"q0", encode(event))
